@@ -1,0 +1,65 @@
+// Python bindings and argument checks of the multi-scale deformable attention op (kernels in msda_cuda.cu).
+#include <torch/extension.h>
+#include <vector>
+
+at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                             const at::Tensor& loc, const at::Tensor& attn);
+std::vector<at::Tensor> msda_backward_cuda(const at::Tensor& value, const at::Tensor& shapes,
+                                           const at::Tensor& starts, const at::Tensor& loc,
+                                           const at::Tensor& attn, const at::Tensor& grad_out);
+
+namespace {
+
+// Every way a caller can get the arguments wrong, caught here with a message rather than as a wrong result or an
+// illegal memory access inside the kernel.
+void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+                const at::Tensor& attn) {
+  TORCH_CHECK(value.is_cuda(), "msda: value must be a CUDA tensor");
+  for (const auto* t : {&shapes, &starts, &loc, &attn}) {
+    TORCH_CHECK(t->device() == value.device(), "msda: all inputs must be on ", value.device(), ", got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "msda: inputs must be contiguous");
+  }
+  TORCH_CHECK(value.is_contiguous(), "msda: value must be contiguous");
+  TORCH_CHECK(value.dim() == 4, "msda: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2, "msda: sampling_locations must be (N, Lq, M, L, P, 2), got ",
+              loc.sizes());
+  TORCH_CHECK(attn.dim() == 5, "msda: attention_weights must be (N, Lq, M, L, P), got ", attn.sizes());
+  const int64_t N = value.size(0), M = value.size(2), L = loc.size(3);
+  TORCH_CHECK(loc.size(0) == N && loc.size(2) == M, "msda: sampling_locations ", loc.sizes(),
+              " do not match value ", value.sizes());
+  TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5), "msda: attention_weights ", attn.sizes(),
+              " do not match sampling_locations ", loc.sizes());
+  TORCH_CHECK(shapes.scalar_type() == at::kLong && shapes.dim() == 2 && shapes.size(0) == L && shapes.size(1) == 2,
+              "msda: spatial_shapes must be int64 (L, 2) with L = ", L, ", got ", shapes.sizes());
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == L,
+              "msda: level_start_index must be int64 (L,), got ", starts.sizes());
+  const auto expect = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(loc.scalar_type() == expect && attn.scalar_type() == expect,
+              "msda: sampling_locations and attention_weights must be ", expect, " for a ", value.scalar_type(),
+              " value, got ", loc.scalar_type(), " and ", attn.scalar_type());
+}
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+                   const at::Tensor& attn) {
+  check_args(value, shapes, starts, loc, attn);
+  return msda_forward_cuda(value, shapes, starts, loc, attn);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                                 const at::Tensor& loc, const at::Tensor& attn, const at::Tensor& grad_out) {
+  check_args(value, shapes, starts, loc, attn);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == value.scalar_type() &&
+                  grad_out.device() == value.device(),
+              "msda: grad_output must be a contiguous ", value.scalar_type(), " tensor on ", value.device());
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == value.size(0) && grad_out.size(1) == loc.size(1) &&
+                  grad_out.size(2) == value.size(2) * value.size(3),
+              "msda: grad_output must be (N, Lq, M * D), got ", grad_out.sizes());
+  return msda_backward_cuda(value, shapes, starts, loc, attn, grad_out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "multi-scale deformable attention, forward (CUDA)");
+  m.def("backward", &backward, "multi-scale deformable attention, backward (CUDA): grad value, locations, weights");
+}

@@ -1,0 +1,356 @@
+// Multi-scale deformable attention, forward and backward CUDA kernels.
+//
+// Semantics (those of Deformable-DETR and of F.grid_sample(align_corners=False, padding_mode='zeros')):
+//   out[n, q, m, c] = sum_{l, p} A[n, q, m, l, p] * bilinear(value[n, level l, m, :, c], loc[n, q, m, l, p])
+//   with pixel = loc * size - 0.5 and zero outside the map.
+//
+// Layout: one warp per (n, q, m). The head dim D is split into vectors of VEC channels (16 bytes: 4 fp32,
+// 8 bf16/fp16, 2 fp64), and a "group" of LPP = D / VEC lanes covers one sampling point, so a warp has
+// PPW = 32 / LPP points in flight (DINO, D = 32: 8 points per warp in bf16, 4 in fp32). Each lane issues 16-byte
+// corner loads. The forward sums over a warp's points with shuffles across groups; the backward needs three sums
+// over channels per point (grad of attention, of x and of y), which are shuffles inside a group: no shared memory,
+// no block barriers, no serial loops (the original op uses 32-thread blocks and one thread summing serially).
+// grad_value is accumulated with atomics into an fp32 (fp64 for double) buffer, 16-byte vector atomics on sm_90.
+// Anything that does not fit (D not a multiple of VEC, D / VEC not a power of two, unaligned pointers) takes the
+// generic instantiation VEC = 1, LPP = 32 (a lane per channel, looping over channels in steps of 32).
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+template <int BYTES> struct Raw;  // an unsigned type of BYTES bytes, to move VEC channels with one instruction
+template <> struct Raw<2> { using T = unsigned short; };
+template <> struct Raw<4> { using T = unsigned int; };
+template <> struct Raw<8> { using T = uint2; };
+template <> struct Raw<16> { using T = uint4; };
+
+// Load VEC consecutive channels starting at p (aligned to VEC * sizeof(scalar_t)) as float (double for fp64).
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&v)[VEC]) {
+  using R = typename Raw<VEC * sizeof(scalar_t)>::T;
+  R raw = __ldg(reinterpret_cast<const R*>(p));
+  scalar_t s[VEC];
+  memcpy(s, &raw, sizeof(raw));
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) v[i] = static_cast<acc_t>(s[i]);
+}
+
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&v)[VEC]) {
+  using R = typename Raw<VEC * sizeof(scalar_t)>::T;
+  scalar_t s[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) s[i] = static_cast<scalar_t>(v[i]);
+  R raw;
+  memcpy(&raw, s, sizeof(raw));
+  *reinterpret_cast<R*>(p) = raw;
+}
+
+// grad_value[0:W] += w * g[0:W] for W = 16 bytes of accumulator (4 fp32, 2 fp64): one vector atomic on sm_90,
+// which has float2/float4 atomics (4x fewer atomic instructions), scalar atomics elsewhere.
+template <int W>
+__device__ __forceinline__ void atomic_add_vec(float* p, const float* g, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (W == 4) {
+    atomicAdd(reinterpret_cast<float4*>(p), make_float4(w * g[0], w * g[1], w * g[2], w * g[3]));
+    return;
+  } else if constexpr (W == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(w * g[0], w * g[1]));
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < W; ++i) atomicAdd(p + i, w * g[i]);
+}
+
+template <int W>
+__device__ __forceinline__ void atomic_add_vec(double* p, const double* g, double w) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) atomicAdd(p + i, w * g[i]);
+}
+
+// Where a sampling point falls: its four corners' flat offsets within the level and their bilinear weights
+// (zero for a corner outside the map, which is how zero padding enters).
+template <typename acc_t>
+struct Bilinear {
+  int64_t off[4];
+  acc_t w[4];     // bilinear weight of each corner (0 outside the map)
+  bool valid[4];  // corner inside the map (its value enters the location gradient even at weight 0)
+  acc_t lh, lw;   // fractional parts, needed for the location gradient
+  bool inside;    // false: the point contributes nothing and gets no gradient
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Bilinear<acc_t> locate(acc_t x, acc_t y, int H, int W) {
+  Bilinear<acc_t> b;
+  const acc_t h = y * H - acc_t(0.5), w = x * W - acc_t(0.5);
+  b.inside = h > acc_t(-1) && w > acc_t(-1) && h < acc_t(H) && w < acc_t(W);
+  const int h0 = static_cast<int>(floor(h)), w0 = static_cast<int>(floor(w));
+  b.lh = h - h0;
+  b.lw = w - w0;
+  const acc_t hh = 1 - b.lh, hw = 1 - b.lw;
+  const bool top = h0 >= 0, bottom = h0 + 1 <= H - 1, left = w0 >= 0, right = w0 + 1 <= W - 1;
+  b.valid[0] = b.inside && top && left;
+  b.valid[1] = b.inside && top && right;
+  b.valid[2] = b.inside && bottom && left;
+  b.valid[3] = b.inside && bottom && right;
+  b.w[0] = b.valid[0] ? hh * hw : acc_t(0);
+  b.w[1] = b.valid[1] ? hh * b.lw : acc_t(0);
+  b.w[2] = b.valid[2] ? b.lh * hw : acc_t(0);
+  b.w[3] = b.valid[3] ? b.lh * b.lw : acc_t(0);
+  b.off[0] = static_cast<int64_t>(h0) * W + w0;
+  b.off[1] = b.off[0] + 1;
+  b.off[2] = b.off[0] + W;
+  b.off[3] = b.off[2] + 1;
+  return b;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t shfl_xor(acc_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+template <typename scalar_t, int VEC, int LPP>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                    const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ loc,
+                    const at::opmath_type<scalar_t>* __restrict__ attn, scalar_t* __restrict__ out,
+                    int64_t N, int64_t S, int64_t Lq, int M, int D, int L, int P) {
+  // Locations and weights come in acc_t (fp32, fp64 for double) whatever the value dtype.
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int PPW = 32 / LPP;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (warp >= N * Lq * M) return;
+  const int lane = threadIdx.x % 32, group = lane / LPP, lig = lane % LPP;
+  const int m = warp % M;
+  const int64_t nq = warp / M, n = nq / Lq;
+  const int LP = L * P;
+  const int chunks = (D + VEC - 1) / VEC;
+  const acc_t* loc_w = loc + warp * LP * 2;
+  const acc_t* attn_w = attn + warp * LP;
+  const scalar_t* value_nm = value + (n * S * M + m) * D;  // value[n, 0, m, 0]; token s is at + s * M * D
+
+  for (int k = lig; k < chunks; k += LPP) {  // one iteration per lane unless D / VEC > 32 (or the generic path)
+    acc_t acc[VEC] = {};
+    for (int p0 = 0; p0 < LP; p0 += PPW) {
+      const int p = p0 + group;
+      if (p >= LP) break;  // only when PPW does not divide L*P; no shuffles inside this loop
+      const int l = p / P;
+      const int H = static_cast<int>(shapes[2 * l]), W = static_cast<int>(shapes[2 * l + 1]);
+      const Bilinear<acc_t> b = locate<acc_t>(loc_w[2 * p], loc_w[2 * p + 1], H, W);
+      if (!b.inside) continue;
+      const acc_t a = attn_w[p];
+      const scalar_t* base = value_nm + starts[l] * M * D + k * VEC;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (!b.valid[c]) continue;
+        acc_t v[VEC];
+        load_vec<scalar_t, VEC>(base + b.off[c] * M * D, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += a * b.w[c] * v[i];
+      }
+    }
+    // Sum the partial outputs of the PPW groups (lanes with the same channels). PPW > 1 implies chunks == LPP,
+    // so every lane reaches this point exactly once and the full-warp shuffle is safe.
+#pragma unroll
+    for (int off = LPP; off < 32; off *= 2)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += shfl_xor(acc[i], off);
+    if (group == 0) {
+      scalar_t* o = out + nq * M * D + m * D + k * VEC;
+      store_vec<scalar_t, VEC>(o, acc);
+    }
+  }
+}
+
+template <typename scalar_t, int VEC, int LPP>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                     const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ loc,
+                     const at::opmath_type<scalar_t>* __restrict__ attn, const scalar_t* __restrict__ grad_out,
+                     at::opmath_type<scalar_t>* __restrict__ grad_value,
+                     at::opmath_type<scalar_t>* __restrict__ grad_loc,
+                     at::opmath_type<scalar_t>* __restrict__ grad_attn,
+                     int64_t N, int64_t S, int64_t Lq, int M, int D, int L, int P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int PPW = 32 / LPP;
+  constexpr int AW = VEC * sizeof(acc_t) > 16 ? 16 / sizeof(acc_t) : VEC;  // channels per atomic instruction
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (warp >= N * Lq * M) return;
+  const int lane = threadIdx.x % 32, group = lane / LPP, lig = lane % LPP;
+  const int m = warp % M;
+  const int64_t nq = warp / M, n = nq / Lq;
+  const int LP = L * P;
+  const int chunks = (D + VEC - 1) / VEC;
+  const acc_t* loc_w = loc + warp * LP * 2;
+  const acc_t* attn_w = attn + warp * LP;
+  const int64_t value_nm = (n * S * M + m) * D;
+  const scalar_t* g_w = grad_out + nq * M * D + m * D;
+
+  // Every lane runs the same number of iterations (p may be past the end: it then contributes zeros), because
+  // the group reductions below shuffle across the whole warp.
+  for (int p0 = 0; p0 < LP; p0 += PPW) {
+    const int p = p0 + group;
+    const bool active = p < LP;
+    const int l = active ? p / P : 0;
+    const int H = static_cast<int>(shapes[2 * l]), W = static_cast<int>(shapes[2 * l + 1]);
+    Bilinear<acc_t> b = locate<acc_t>(active ? loc_w[2 * p] : acc_t(-2), active ? loc_w[2 * p + 1] : acc_t(-2), H, W);
+    const acc_t a = active ? attn_w[p] : acc_t(0);
+    acc_t d_attn = 0, d_h = 0, d_w = 0;  // this lane's share of the channel sums
+    if (b.inside) {
+      const int64_t base = value_nm + starts[l] * M * D;
+      for (int k = lig; k < chunks; k += LPP) {
+        acc_t g[VEC], v[4][VEC];
+        load_vec<scalar_t, VEC>(g_w + k * VEC, g);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (b.valid[c]) load_vec<scalar_t, VEC>(value + base + b.off[c] * M * D + k * VEC, v[c]);
+          else
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[c][i] = 0;
+        }
+        const acc_t hh = 1 - b.lh, hw = 1 - b.lw;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t sample = b.w[0] * v[0][i] + b.w[1] * v[1][i] + b.w[2] * v[2][i] + b.w[3] * v[3][i];
+          d_attn += g[i] * sample;
+          d_w += g[i] * (hh * (v[1][i] - v[0][i]) + b.lh * (v[3][i] - v[2][i]));
+          d_h += g[i] * (hw * (v[2][i] - v[0][i]) + b.lw * (v[3][i] - v[1][i]));
+        }
+        // The atomics use their own channel layout: with VEC > AW (bf16: 8 channels a lane, 4 fp32 an atomic), atomic
+        // i of lane lig covers channels (i * LPP + lig) * AW of this round, so that one atomic instruction of a group
+        // hits contiguous memory. In the load layout it would be strided, which measured 3x slower (1.9 vs 0.6 ms).
+        const int64_t round = (k - lig) * VEC;  // first channel covered by this round of the LPP lanes
+#pragma unroll
+        for (int i = 0; i < VEC / AW; ++i) {
+          const int64_t ch = round + (i * LPP + lig) * AW;
+          acc_t ga[AW];
+          load_vec<scalar_t, AW>(g_w + ch, ga);
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (b.valid[c]) atomic_add_vec<AW>(grad_value + base + b.off[c] * M * D + ch, ga, a * b.w[c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < LPP; off *= 2) {
+      d_attn += shfl_xor(d_attn, off);
+      d_w += shfl_xor(d_w, off);
+      d_h += shfl_xor(d_h, off);
+    }
+    if (active && lig == 0) {  // this warp owns the point: plain stores, and every point is written
+      grad_attn[warp * LP + p] = d_attn;
+      grad_loc[(warp * LP + p) * 2] = W * a * d_w;
+      grad_loc[(warp * LP + p) * 2 + 1] = H * a * d_h;
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The (VEC, LPP) a problem runs with: 16-byte vectors when D allows, else the generic (1, 32).
+template <typename scalar_t>
+std::pair<int, int> choose_layout(int D, std::initializer_list<const void*> ptrs) {
+  constexpr int vec = 16 / sizeof(scalar_t);
+  bool ok = D % vec == 0;
+  for (const void* p : ptrs) ok = ok && aligned16(p);
+  if (!ok) return {1, 32};
+  const int lanes = D / vec;
+  if (lanes >= 32) return lanes % 32 == 0 ? std::pair<int, int>{vec, 32} : std::pair<int, int>{1, 32};
+  if (lanes >= 2 && (lanes & (lanes - 1)) == 0) return {vec, lanes};
+  return {1, 32};
+}
+
+// Runs Launch<scalar_t, VEC, LPP>::run(args...) for the runtime layout; this lists every instantiation we compile.
+template <typename scalar_t, template <typename, int, int> class Launch, typename... Args>
+void with_layout(std::pair<int, int> layout, Args&&... args) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  switch (layout.first == 1 ? 0 : layout.second) {
+    case 2: Launch<scalar_t, V, 2>::run(args...); break;
+    case 4: Launch<scalar_t, V, 4>::run(args...); break;
+    case 8: Launch<scalar_t, V, 8>::run(args...); break;
+    case 16: Launch<scalar_t, V, 16>::run(args...); break;
+    case 32: Launch<scalar_t, V, 32>::run(args...); break;
+    default: Launch<scalar_t, 1, 32>::run(args...); break;
+  }
+}
+
+int64_t num_blocks(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
+template <typename scalar_t, int VEC, int LPP>
+struct Forward {
+  static void run(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+                  const at::Tensor& attn, at::Tensor& out) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
+    const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
+    msda_forward_kernel<scalar_t, VEC, LPP>
+        <<<num_blocks(N * Lq * M), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+            loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, S, Lq, M, D, L, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <typename scalar_t, int VEC, int LPP>
+struct Backward {
+  static void run(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+                  const at::Tensor& attn, const at::Tensor& grad_out, at::Tensor& grad_value, at::Tensor& grad_loc,
+                  at::Tensor& grad_attn) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
+    const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
+    msda_backward_kernel<scalar_t, VEC, LPP>
+        <<<num_blocks(N * Lq * M), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+            loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
+            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(),
+            N, S, Lq, M, D, L, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace
+
+// The shape and dtype checks live in msda.cpp; these assume contiguous CUDA tensors on one device, locations and
+// weights in fp32 (fp64 when value is double).
+at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                             const at::Tensor& loc, const at::Tensor& attn) {
+  const c10::cuda::CUDAGuard guard(value.device());
+  const int64_t N = value.size(0), M = value.size(2), D = value.size(3), Lq = loc.size(1);
+  auto out = at::empty({N, Lq, M * D}, value.options());  // every element is written
+  if (N * Lq * M == 0) return out;
+  if (loc.size(3) * loc.size(4) == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, value.scalar_type(),
+                                  "msda_forward_cuda", [&] {
+    with_layout<scalar_t, Forward>(choose_layout<scalar_t>(D, {value.data_ptr(), out.data_ptr()}),
+                                   value, shapes, starts, loc, attn, out);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> msda_backward_cuda(const at::Tensor& value, const at::Tensor& shapes,
+                                           const at::Tensor& starts, const at::Tensor& loc,
+                                           const at::Tensor& attn, const at::Tensor& grad_out) {
+  const c10::cuda::CUDAGuard guard(value.device());
+  const int64_t N = value.size(0), M = value.size(2), D = value.size(3), Lq = loc.size(1);
+  // grad_value gathers many atomic contributions per element: accumulate in fp32 (fp64 for double), cast at the end.
+  const auto acc_dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+  auto grad_loc = at::empty(loc.sizes(), loc.options());  // every point is written by the warp that owns it
+  auto grad_attn = at::empty(attn.sizes(), attn.options());
+  if (N * Lq * M > 0 && loc.size(3) * loc.size(4) > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, value.scalar_type(),
+                                    "msda_backward_cuda", [&] {
+      with_layout<scalar_t, Backward>(choose_layout<scalar_t>(D, {value.data_ptr(), grad_out.data_ptr()}),
+                                      value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc, grad_attn);
+    });
+  }
+  return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};
+}

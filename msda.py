@@ -1,0 +1,123 @@
+"""
+Multi-scale deformable attention (Deformable-DETR, Zhu et al. 2021): the op, not the module.
+
+For every query q and head m, the output is a weighted sum of bilinear samples of the value map:
+
+    out[n, q, m] = sum_{l, p} A[n, q, m, l, p] * bilinear(value[n, level l, m], loc[n, q, m, l, p])
+
+with loc a normalised (x, y) in [0, 1] of level l's (padded) map, the pixel centre convention of
+grid_sample(align_corners=False): pixel = loc * W - 0.5, and zero outside the map.
+
+Two implementations with the same semantics:
+  - ms_deform_attn_reference: pure PyTorch (F.grid_sample), runs anywhere, the test oracle.
+  - the CUDA op in csrc/, compiled on first use with torch.utils.cpp_extension.load and cached by torch under
+    ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). fp32/fp16/bf16 values with fp32 accumulation, fp64 for
+    gradcheck. If it cannot be built (no nvcc, say) we say why once and fall back to the reference.
+
+ms_deform_attn() picks the CUDA op for CUDA tensors and the reference otherwise.
+"""
+
+import os
+import shutil
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_op = None          # the compiled extension module, once built
+_op_failed = None   # the reason it could not be built, once tried
+
+
+def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """
+    value: (N, S, M, D) with S = sum_l H_l * W_l, levels concatenated, each row-major
+    spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,) int64 (unused: derived from the shapes)
+    sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y)
+    attention_weights: (N, Lq, M, L, P)
+    returns: (N, Lq, M * D)
+    """
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    samples = []
+    for lvl, (v, (H, W)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+        v = v.permute(0, 2, 3, 1).reshape(N * M, D, H, W)                         # (N*M, D, H, W)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Lq, P, 2)         # (N*M, Lq, P, 2)
+        samples.append(F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False))
+    samples = torch.stack(samples, dim=-2).flatten(-2)                           # (N*M, D, Lq, L*P)
+    attn = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (samples * attn.to(samples.dtype)).sum(-1)                             # (N*M, D, Lq)
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+
+
+def _find_cuda_home():
+    """The CUDA toolkit folder (with include/cuda_runtime.h), or None.
+
+    torch guesses it from the folder of `nvcc` on PATH, which is wrong when that nvcc is a wrapper script (as on our
+    CI machine: /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc), so we check the candidates ourselves.
+    """
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def load_op(verbose=False):
+    """Compile (first time) and load the CUDA extension. Returns the module, or None with a warning saying why."""
+    global _op, _op_failed
+    if _op is not None or _op_failed is not None:
+        return _op
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        _op_failed = "no CUDA toolkit found (nvcc and include/cuda_runtime.h); set CUDA_HOME"
+    else:
+        os.environ["CUDA_HOME"] = cuda_home
+        import torch.utils.cpp_extension as cpp_extension
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported before with a wrong guess
+        # Build for the GPUs we can see; on a machine without one (CI) for Hopper, so that compilation is still
+        # tested there. A visible GPU is never required to compile.
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        try:
+            _op = cpp_extension.load(
+                name="richsem_msda",
+                sources=[os.path.join(_CSRC, "msda.cpp"), os.path.join(_CSRC, "msda_cuda.cu")],
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+        except Exception as e:  # a compiler error is long: keep its tail, which names the cause
+            _op_failed = f"building csrc/ failed: {str(e)[-2000:]}"
+    if _op_failed is not None:
+        warnings.warn(f"MSDeformAttn CUDA op unavailable ({_op_failed}); using the (slower) PyTorch reference.")
+    return _op
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _op.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = _op.backward(value, spatial_shapes, level_start_index, sampling_locations,
+                                                       attention_weights, grad_output.contiguous())
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Same arguments and result as ms_deform_attn_reference; the CUDA op when the tensors are on a GPU."""
+    if value.is_cuda and load_op() is not None:
+        # Locations and weights stay fp32 even under autocast: an fp16/bf16 location is off by up to a pixel on
+        # large maps. The kernel reads value in its own dtype and accumulates in fp32.
+        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+        sampling_locations, attention_weights = sampling_locations.to(dtype), attention_weights.to(dtype)
+        return _MSDeformAttnFunction.apply(value.contiguous(), spatial_shapes.contiguous(),
+                                           level_start_index.contiguous(), sampling_locations.contiguous(),
+                                           attention_weights.contiguous())
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
