@@ -1,0 +1,1447 @@
+"""
+Tests of richsem, one section per file, each against an independent reference (float64 formulas, brute force,
+hand-computed cases). Run: python -m pytest -q test_richsem.py
+CUDA tests skip without a GPU; tests that want the real data in ../shared/data skip unless RICHSEM_DATA is set.
+"""
+import itertools
+import json
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, DistributedSampler
+
+import clip_teacher
+import data
+import model
+import msda
+from clip_teacher import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PROMPT_TEMPLATES, ClipTeacher,
+                          boxes_from_targets, hard_labels_from_teacher, load_wnid_to_class, map_to_nearest_class)
+from losses import (HungarianMatcher, SetCriterion, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
+                    generalized_box_iou, sample_federated_classes, sigmoid_focal_loss, soft_kl)
+from model import MSDeformAttn, RichSem, prepare_cdn, postprocess
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DATA = os.environ.get("RICHSEM_DATA")
+needs_data = pytest.mark.skipif(not DATA, reason="set RICHSEM_DATA to ../shared/data for the real-data tests")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# msda.py + csrc/: multi-scale deformable attention
+
+def bilinear_loop(value, shapes, loc, attn):
+    """Independent float64 oracle: the op's definition written as plain loops over every sample and corner."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    out = torch.zeros(N, Lq, M, D, dtype=torch.float64)
+    starts = [0]
+    for h, w in shapes.tolist()[:-1]:
+        starts.append(starts[-1] + h * w)
+    for n in range(N):
+        for q in range(Lq):
+            for m in range(M):
+                for l, (H, W) in enumerate(shapes.tolist()):
+                    for p in range(P):
+                        x = loc[n, q, m, l, p, 0].item() * W - 0.5  # pixel-centre convention
+                        y = loc[n, q, m, l, p, 1].item() * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        for yy, xx, wgt in ((y0, x0, (1 - (y - y0)) * (1 - (x - x0))), (y0, x0 + 1, (1 - (y - y0)) * (x - x0)),
+                                            (y0 + 1, x0, (y - y0) * (1 - (x - x0))), (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
+                            if 0 <= yy < H and 0 <= xx < W:  # zero outside the map
+                                out[n, q, m] += attn[n, q, m, l, p].item() * wgt * value[n, starts[l] + yy * W + xx, m].double()
+    return out.view(N, Lq, M * D)
+
+
+def random_problem(N=2, Lq=5, M=2, D=4, shapes=((6, 4), (3, 2)), P=3, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes_t = torch.tensor(shapes, dtype=torch.long)
+    starts = torch.cat([shapes_t.new_zeros(1), (shapes_t[:, 0] * shapes_t[:, 1]).cumsum(0)[:-1]])
+    S = int((shapes_t[:, 0] * shapes_t[:, 1]).sum())
+    L = len(shapes)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1  # some outside the map
+    attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64) + 1e-5
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    to = dict(device=device)
+    return (value.to(dtype=dtype, **to), shapes_t.to(**to), starts.to(**to), loc.to(**to), attn.to(**to))
+
+
+def border_locations(shapes, P_side=9):
+    """(x, y) locations exactly on, just inside and just outside every border of each level, in pixel units."""
+    out = []
+    for H, W in shapes:
+        px = [-1.0, -1.0 + 1e-3, -0.5, 0.0, 0.25, W - 1.0, W - 0.5, W - 1e-3, W + 0.0, W + 0.3][:P_side]
+        py = [-1.0, -1.0 + 1e-3, -0.5, 0.0, 0.25, H - 1.0, H - 0.5, H - 1e-3, H + 0.0, H + 0.3][:P_side]
+        out.append(torch.tensor([[(x + 0.5) / W, (y + 0.5) / H] for x in px for y in py], dtype=torch.float64))
+    return out
+
+
+def test_reference_matches_loop_oracle_random():
+    value, shapes, starts, loc, attn = random_problem()
+    got = msda.ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(got, bilinear_loop(value, shapes, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_matches_loop_oracle_on_borders():
+    shapes = ((5, 4), (2, 3))
+    pts = border_locations(shapes)                      # per level (K, 2), K = 100 border cases
+    K = pts[0].shape[0]
+    value, shapes_t, starts, _, _ = random_problem(N=1, Lq=K, M=1, D=3, shapes=shapes, P=1)
+    loc = torch.stack(pts, dim=1).view(1, K, 1, 2, 1, 2)
+    attn = torch.ones(1, K, 1, 2, 1, dtype=torch.float64)
+    got = msda.ms_deform_attn_reference(value, shapes_t, starts, loc, attn)
+    torch.testing.assert_close(got, bilinear_loop(value, shapes_t, loc, attn), rtol=1e-12, atol=1e-12)
+
+
+def test_missing_nvcc_falls_back_with_a_clear_warning(monkeypatch):
+    monkeypatch.setattr(msda, "_op", None)
+    monkeypatch.setattr(msda, "_op_failed", None)
+    monkeypatch.setattr(msda, "_find_cuda_home", lambda: None)
+    with pytest.warns(UserWarning, match="no CUDA toolkit found"):
+        assert msda.load_op() is None
+
+
+@pytest.mark.skipif(msda._find_cuda_home() is None, reason="needs nvcc (the CUDA compiler)")
+def test_op_compiles_without_a_gpu():
+    """The extension must build from csrc/ with the local nvcc and torch, GPU or not (the original needed one)."""
+    assert msda.load_op() is not None, msda._op_failed
+
+
+def cuda_vs_reference(dtype, D, seed, N=2, Lq=7, M=3, shapes=((9, 7), (5, 4), (2, 3)), P=4):
+    value, shapes_t, starts, loc, attn = random_problem(N, Lq, M, D, shapes, P, torch.float64, "cuda", seed)
+    v = value.to(dtype).requires_grad_()
+    lc, at = loc.clone().requires_grad_(), attn.clone().requires_grad_()
+    out = msda.ms_deform_attn(v, shapes_t, starts, lc, at)
+    grad = torch.randn_like(out, dtype=torch.float64)
+    out.backward(grad.to(out.dtype))
+    # the reference in float64 on the same (rounded) inputs
+    vr, lr, ar = v.detach().double().requires_grad_(), loc.clone().requires_grad_(), attn.clone().requires_grad_()
+    ref = msda.ms_deform_attn_reference(vr, shapes_t, starts, lr, ar)
+    ref.backward(grad)
+    return [(out.double(), ref), (v.grad.double(), vr.grad), (lc.grad.double(), lr.grad), (at.grad.double(), ar.grad)]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 1e-2)])
+@pytest.mark.parametrize("D", [8, 32, 64, 30])  # 30: the generic (scalar) path
+def test_cuda_matches_reference(dtype, tol, D):
+    for seed in range(3):
+        for name, (got, ref) in zip(["out", "grad_value", "grad_loc", "grad_attn"], cuda_vs_reference(dtype, D, seed)):
+            err = rel_err(got, ref)
+            # grad_loc in low precision multiplies value differences by the map size: a looser bound
+            bound = tol * (5 if name == "grad_loc" and dtype in (torch.bfloat16, torch.float16) else 1)
+            assert err < bound, f"{name} {dtype} D={D}: relative error {err:.2e} >= {bound}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("D", [8, 32, 64, 5])
+def test_cuda_gradcheck(D):
+    value, shapes, starts, loc, attn = random_problem(N=3, Lq=7, M=2, D=D, shapes=((6, 5), (3, 3)), P=2,
+                                                      device="cuda", seed=D)
+    for t in (value, loc, attn):
+        t.requires_grad_()
+    fn = lambda v, l, a: msda.ms_deform_attn(v, shapes, starts, l, a)
+    # atomics make the backward non-deterministic in the last bits: nondet_tol
+    assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-5, nondet_tol=1e-10)
+
+
+@needs_cuda
+def test_cuda_on_borders_and_other_device():
+    shapes = ((5, 4), (2, 3))
+    pts = border_locations(shapes)
+    K = pts[0].shape[0]
+    dev = f"cuda:{torch.cuda.device_count() - 1}"  # the last GPU: catches a missing device guard when there are two
+    value, shapes_t, starts, _, _ = random_problem(N=1, Lq=K, M=1, D=32, shapes=shapes, P=1, device=dev)
+    loc = torch.stack(pts, dim=1).view(1, K, 1, 2, 1, 2).to(dev)
+    attn = torch.ones(1, K, 1, 2, 1, dtype=torch.float64, device=dev)
+    got = msda.ms_deform_attn(value, shapes_t, starts, loc, attn)
+    torch.testing.assert_close(got.cpu(), bilinear_loop(value.cpu(), shapes_t.cpu(), loc.cpu(), attn.cpu()),
+                               rtol=1e-10, atol=1e-10)
+
+
+@needs_cuda
+def test_cuda_large_batch_and_64bit_offsets():
+    """A batch whose value tensor has more than 2**31 bytes worth of offsets in bf16 (N*S*M*D > 2**30)."""
+    shapes = ((256, 256),)
+    N, M, D = 130, 8, 32                      # 130*65536*256 = 2.18e9 elements > 2**31
+    S = 256 * 256
+    value = torch.randn(N, S, M, D, device="cuda", dtype=torch.bfloat16)
+    shapes_t = torch.tensor(shapes, device="cuda")
+    starts = torch.zeros(1, dtype=torch.long, device="cuda")
+    loc = torch.rand(N, 3, M, 1, 2, 2, device="cuda")
+    attn = torch.rand(N, 3, M, 1, 2, device="cuda")
+    out = msda.ms_deform_attn(value, shapes_t, starts, loc, attn)
+    n = N - 1  # the last sample lives past the 2**31 boundary
+    ref = msda.ms_deform_attn_reference(value[n:].float(), shapes_t, starts, loc[n:], attn[n:])
+    assert rel_err(out[n:].float(), ref) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model.py: the detector
+
+def _levels(shapes):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    start = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    return spatial_shapes, start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MSDeformAttn
+
+def test_msda_output_shape():
+    attn = MSDeformAttn(32, 4, 2, 3)
+    shapes, start = _levels([[4, 5], [2, 3]])
+    S = 26
+    out = attn(torch.randn(2, 7, 32), torch.rand(2, 7, 2, 4), torch.randn(2, S, 32), shapes, start,
+               torch.zeros(2, S, dtype=torch.bool))
+    assert out.shape == (2, 7, 32)
+
+
+def test_msda_padded_value_has_no_effect():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(16, 2, 2, 4)
+    for p in attn.parameters():  # generic weights, so that samples land everywhere incl. padding
+        nn.init.normal_(p, std=0.5)
+    shapes, start = _levels([[4, 4], [2, 2]])
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, [3, 7, 11, 15, 16 + 1, 16 + 3]] = True  # last column of both levels
+    query, ref, value = torch.randn(1, 9, 16), torch.rand(1, 9, 2, 2), torch.randn(1, 20, 16)
+    changed = value.clone()
+    changed[mask] = 1000 * torch.randn(int(mask.sum()), 16)
+    a = attn(query, ref, value, shapes, start, mask)
+    b = attn(query, ref, changed, shapes, start, mask)
+    torch.testing.assert_close(a, b)
+    changed[0, 0] += 1.0  # sanity: a valid token does matter
+    assert not torch.allclose(a, attn(query, ref, changed, shapes, start, mask))
+
+
+def _bilinear(img, x, y):
+    """img: (H, W, D) float64 numpy; (x, y) normalised, pixel-centre convention, zero outside."""
+    H, W, D = img.shape
+    px, py = x * W - 0.5, y * H - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = np.zeros(D)
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < H and 0 <= xx < W:
+                out += wy * wx * img[yy, xx]
+    return out
+
+
+def test_msda_zero_offsets_sample_reference_points():
+    torch.manual_seed(1)
+    d, M, L, P = 8, 2, 2, 3
+    attn = MSDeformAttn(d, M, L, P).double()
+    for lin in (attn.sampling_offsets, attn.attention_weights):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    for lin in (attn.value_proj, attn.output_proj):
+        lin.weight.data = torch.eye(d, dtype=torch.float64)
+        nn.init.zeros_(lin.bias)
+    hw = [(3, 5), (2, 2)]
+    shapes, start = _levels(hw)
+    value = torch.randn(1, 19, d, dtype=torch.float64)
+    ref = torch.rand(1, 4, L, 2, dtype=torch.float64)
+    out = attn(torch.randn(1, 4, d, dtype=torch.float64), ref, value, shapes, start,
+               torch.zeros(1, 19, dtype=torch.bool))
+    v = value[0].numpy()
+    maps = [v[:15].reshape(3, 5, d), v[15:].reshape(2, 2, d)]
+    for q in range(4):
+        expected = np.zeros(d)
+        for lvl in range(L):  # uniform weights over L*P identical points = mean over levels
+            x, y = ref[0, q, lvl].tolist()
+            expected += _bilinear(maps[lvl], x, y) / L
+        np.testing.assert_allclose(out[0, q].detach().numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_msda_initial_offsets_are_head_directions():
+    attn = MSDeformAttn(16, 8, 2, 3)
+    bias = attn.sampling_offsets.bias.view(8, 2, 3, 2)
+    for m in range(8):
+        c, s = math.cos(2 * math.pi * m / 8), math.sin(2 * math.pi * m / 8)
+        unit = np.array([c, s]) / max(abs(c), abs(s))
+        for lvl in range(2):
+            for p in range(3):
+                np.testing.assert_allclose(bias[m, lvl, p].detach().numpy(), unit * (p + 1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contrastive denoising
+
+def _targets(counts, labels=None):
+    torch.manual_seed(2)
+    out = []
+    for i, n in enumerate(counts):
+        boxes = torch.cat([0.3 + 0.4 * torch.rand(n, 2), 0.05 + 0.2 * torch.rand(n, 2)], 1)
+        lab = torch.randint(0, 10, (n,)) if labels is None else labels[i]
+        out.append({'boxes': boxes, 'labels': lab})
+    return out
+
+
+def test_cdn_group_count_and_layout():
+    for counts, dn_number in [([3, 1], 100), ([7, 0, 2], 100), ([150], 100), ([2], 10), ([1, 1], 1)]:
+        labels, boxes, valid, mask, meta = prepare_cdn(_targets(counts), 10, 5, dn_number, 0.0, 0.0)
+        m = max(counts)
+        G = max(1, (2 * dn_number) // (2 * m))
+        assert meta == {'num_groups': G, 'max_gt': m}
+        assert labels.shape == (len(counts), 2 * G * m) and boxes.shape == (len(counts), 2 * G * m, 4)
+    # Without noise every copy equals its GT, at the contract's indices.
+    targets = _targets([3, 1])
+    labels, boxes, valid, _, meta = prepare_cdn(targets, 10, 5, 100, 0.0, 0.0)
+    G, m = meta['num_groups'], meta['max_gt']
+    for b, t in enumerate(targets):
+        for g in range(G):
+            for j in range(m):
+                for idx in (g * 2 * m + j, g * 2 * m + m + j):
+                    assert bool(valid[b, idx]) == (j < len(t['labels']))
+                    if j < len(t['labels']):
+                        assert labels[b, idx] == t['labels'][j]
+                        torch.testing.assert_close(boxes[b, idx], t['boxes'][j])
+    assert prepare_cdn(_targets([0, 0]), 10, 5, 100, 0.5, 1.0) is None
+
+
+def test_cdn_attention_mask_blocks():
+    _, _, _, mask, meta = prepare_cdn(_targets([2, 3]), 10, 7, 100, 0.5, 1.0)
+    G, m = meta['num_groups'], meta['max_gt']
+    n_dn = 2 * G * m
+    assert mask.shape == (n_dn + 7, n_dn + 7)
+    for i in range(n_dn + 7):
+        for j in range(n_dn + 7):
+            if i >= n_dn:  # matching query: sees matching queries only
+                blocked = j < n_dn
+            elif j >= n_dn:  # DN query sees the matching queries
+                blocked = False
+            else:  # DN query sees its own group only
+                blocked = i // (2 * m) != j // (2 * m)
+            assert bool(mask[i, j]) == blocked, (i, j)
+
+
+def test_cdn_box_noise_ranges():
+    torch.manual_seed(3)
+    n = 50  # centred boxes of side <= 0.25: corners move by < 0.25, so no clamping
+    gt = torch.cat([torch.full((n, 2), 0.5), 0.05 + 0.2 * torch.rand(n, 2)], 1).double()
+    _, boxes, _, _, meta = prepare_cdn([{'boxes': gt.float(), 'labels': torch.zeros(n, dtype=torch.long)}],
+                                       10, 5, 100, 0.0, 1.0)
+    G = meta['num_groups']
+    noised = boxes[0].double().view(G, 2, n, 4)
+    # corners in float64, independently of the model's box helpers
+    def corners(b):
+        return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
+                            b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2], -1)
+    half = torch.cat([gt[:, 2:], gt[:, 2:]], 1) / 2
+    shift = (corners(noised) - corners(gt)).abs() / half  # in units of half the box size
+    eps = 1e-4
+    assert (shift[:, 0] < 1 + eps).all()
+    assert (shift[:, 1] > 1 - eps).all() and (shift[:, 1] < 2 + eps).all()
+    assert shift[:, 0].max() > 0.8 and shift[:, 1].min() < 1.2  # the ranges are actually used
+
+
+def test_cdn_label_noise_and_unlabelled_boxes():
+    torch.manual_seed(4)
+    n = 100
+    gt = torch.full((n,), 3, dtype=torch.long)
+    gt[:10] = -1
+    labels, _, _, _, meta = prepare_cdn([{'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(n, 1),
+                                          'labels': gt}], 10, 5, 100, 0.5, 1.0)
+    labels = labels[0].view(meta['num_groups'] * 2, n)
+    assert ((labels >= 0) & (labels < 10)).all()
+    changed = (labels[:, 10:] != 3).float().mean().item()
+    assert 0.15 < changed < 0.3  # 0.25 replaced, 9/10 of them by another class -> 0.225
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encodings, geometry and the classifier
+
+def test_sine_position_encoding_hand_case():
+    mask = torch.zeros(1, 3, 4, dtype=torch.bool)
+    mask[:, 2, :] = True
+    mask[:, :, 3] = True  # valid region 2 x 3
+    F_ = 6
+    pos = model.sine_position_encoding(mask, F_)
+    i, j = 1, 2
+    y, x = (i + 1) / 2 * 2 * math.pi, (j + 1) / 3 * 2 * math.pi
+    expected = []
+    for c in (y, x):
+        for k in range(F_):
+            a = c / 20.0 ** (2 * (k // 2) / F_)
+            expected.append(math.sin(a) if k % 2 == 0 else math.cos(a))
+    np.testing.assert_allclose(pos[0, :, i, j].numpy(), expected, atol=1e-5)
+
+
+def test_sine_embed_boxes_order():
+    box = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    emb = model.sine_embed_boxes(box, 4)[0].numpy()
+    expected = []
+    for c in (0.2, 0.1, 0.3, 0.4):  # y, x, w, h
+        for k in range(4):
+            a = c * 2 * math.pi / 10000 ** (2 * (k // 2) / 4)
+            expected.append(math.sin(a) if k % 2 == 0 else math.cos(a))
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+
+
+def test_encoder_proposals_hand_case():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[:, :, 3] = True  # valid width 3, height 4
+    props, valid = model.encoder_proposals(mask.flatten(1), torch.tensor([[4, 4]]))
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    np.testing.assert_allclose(props[0, 0].numpy(), [logit(0.5 / 3), logit(0.5 / 4), logit(0.05), logit(0.05)],
+                               rtol=1e-5)
+    assert torch.isinf(props[0, 3]).all() and not valid[0, 3]
+    assert valid[0, [0, 1, 2, 4]].all()
+
+
+def test_contrast_is_100_cos():
+    torch.manual_seed(5)
+    x, text = torch.randn(3, 6, 32, dtype=torch.float64), torch.randn(10, 32, dtype=torch.float64)
+    xn, tn = x.numpy(), text.numpy()
+    expected = 100 * (xn / np.linalg.norm(xn, axis=-1, keepdims=True)) @ (tn / np.linalg.norm(tn, axis=-1,
+                                                                                              keepdims=True)).T
+    got = model.contrast(x.float(), torch.nn.functional.normalize(text.float(), dim=-1))
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-3)
+
+
+def test_postprocess_hand_case():
+    logits = torch.full((1, 3, 2), -10.0)
+    logits[0, 1, 0], logits[0, 2, 1], logits[0, 1, 1] = 3.0, 2.0, 1.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.5, 0.5, 1.0], [0.5, 0.25, 1.0, 0.5]]])
+    res = postprocess({'pred_logits': logits, 'pred_boxes': boxes}, torch.tensor([[100, 200]]), num_select=3)[0]
+    np.testing.assert_allclose(res['scores'].numpy(), [1 / (1 + math.exp(-v)) for v in (3.0, 2.0, 1.0)], rtol=1e-6)
+    assert res['labels'].tolist() == [0, 1, 1]
+    np.testing.assert_allclose(res['boxes'].numpy(), [[0, 0, 100, 100], [0, 0, 200, 50], [0, 0, 100, 100]],
+                               atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole model, tiny, on CPU
+
+C, E = 10, 32
+
+
+def _tiny(semantic_branch=True):
+    torch.manual_seed(6)
+    return RichSem(torch.randn(C, E), backbone='r18', backbone_weights=None, d_model=64, nheads=4, enc_layers=2,
+                   dec_layers=2, dim_feedforward=128, num_queries=30, num_points=2, num_levels=4, dn_number=10,
+                   semantic_branch=semantic_branch)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    return _tiny()
+
+
+def _batch():
+    torch.manual_seed(7)
+    images = torch.randn(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 64:, :] = True
+    mask[1, :, 96:] = True
+    images[mask[:, None].expand_as(images)] = 0
+    targets = _targets([3, 1], labels=[torch.tensor([1, -1, 4]), torch.tensor([9])])
+    return images, mask, targets
+
+
+def test_training_forward_backward(tiny):
+    tiny.train()
+    images, mask, targets = _batch()
+    out = tiny(images, mask, targets)
+    Q, G, m = 30, max(1, 20 // 6), 3
+    assert out['pred_logits'].shape == (2, Q, C) and out['pred_boxes'].shape == (2, Q, 4)
+    assert len(out['aux_outputs']) == 1 and out['enc_outputs']['pred_logits'].shape == (2, Q, C)
+    assert out['pred_soft'].shape == (2, Q, C)
+    assert out['dn_meta'] == {'num_groups': G, 'max_gt': m}
+    assert len(out['dn_outputs']) == 2 and out['dn_outputs'][-1]['pred_soft'].shape == (2, 2 * G * m, C)
+    assert out['dn_outputs'][0]['pred_boxes'].shape == (2, 2 * G * m, 4)
+    # The semantic branch starts as a copy of the classifier.
+    torch.testing.assert_close(out['pred_soft'], out['pred_logits'])
+    tensors = [out['pred_logits'], out['pred_boxes'], out['pred_soft'], out['enc_outputs']['pred_logits'],
+               out['enc_outputs']['pred_boxes']]
+    for d in out['aux_outputs'] + out['dn_outputs']:
+        tensors += list(d.values())
+    assert all(torch.isfinite(t).all() for t in tensors)
+    tiny.zero_grad()
+    sum(t.float().sum() for t in tensors).backward()
+    for name, p in tiny.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+        else:
+            assert name.startswith(('backbone.body.conv1', 'backbone.body.layer1')), name
+
+
+def test_label_proj_in_graph_without_boxes(tiny):
+    tiny.train()
+    images, mask, _ = _batch()
+    out = tiny(images, mask, [{'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0, dtype=torch.long)}] * 2)
+    assert 'dn_outputs' not in out and 'dn_meta' not in out
+    tiny.zero_grad()
+    out['pred_logits'].sum().backward()
+    assert tiny.label_proj.weight.grad is not None
+
+
+def test_eval_outputs_and_checkpoint_without_semantic_branch(tiny):
+    tiny.eval()
+    images, mask, targets = _batch()
+    out = tiny(images, mask, targets)
+    assert set(out) == {'pred_logits', 'pred_boxes'}
+    assert out['pred_logits'].shape == (2, 30, C)
+    assert ((out['pred_boxes'] >= 0) & (out['pred_boxes'] <= 1)).all()
+    plain = _tiny(semantic_branch=False)
+    result = plain.load_state_dict(tiny.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert result.unexpected_keys and all(k.startswith('semantic_branch.') for k in result.unexpected_keys)
+    plain.eval()
+    torch.testing.assert_close(plain(images, mask)['pred_logits'], out['pred_logits'])
+    assert 'text_embed' in tiny.state_dict()
+
+
+def test_refinement_detaches_reference_but_not_prediction_path(tiny):
+    tiny.train()
+    images, mask, _ = _batch()
+    text_unit = torch.nn.functional.normalize(tiny.text_embed, dim=-1)
+    srcs, masks = tiny.multiscale_features(images, mask)
+    memory, mask_flat, shapes, start, ratios = tiny.encode(srcs, masks)
+    tgt, anchors, _ = tiny.select_queries(memory, mask_flat, shapes, text_unit)
+    assert not anchors.requires_grad  # anchors are detached from the encoder's box head
+    hs, refs = tiny.decode(tgt, anchors, memory, mask_flat, shapes, start, ratios, None)
+    assert len(refs) == len(hs) + 1 and refs[1].requires_grad  # look forward twice: refs[1] keeps its graph
+    # ... but the next layer only saw it detached: the decoder states do not depend on the box head.
+    grads = torch.autograd.grad(hs[-1].sum(), list(tiny.bbox_head.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_backbone_weights_from_file(tmp_path):
+    import torchvision
+    torch.manual_seed(8)
+    net = torchvision.models.resnet18(num_classes=21)  # another head size, as an ImageNet-21k checkpoint has
+    path = tmp_path / 'r18.pth'
+    torch.save({'model': net.state_dict()}, path)
+    backbone = model.Backbone('r18', str(path))
+    torch.testing.assert_close(backbone.body.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    torch.testing.assert_close(backbone.body.bn1.running_var, net.bn1.running_var)
+    assert not backbone.body.layer1[0].conv1.weight.requires_grad and backbone.body.layer2[0].conv1.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# losses.py: matcher and criterion
+
+# ---------------------------------------------------------------------------------------------------------------------
+# independent float64 references
+
+
+def ref_giou(a, b):
+    """a, b: 4-sequences xyxy -> GIoU as a Python float, from the definition."""
+    ax1, ay1, ax2, ay2 = map(float, a)
+    bx1, by1, bx2, by2 = map(float, b)
+    iw, ih = max(0.0, min(ax2, bx2) - max(ax1, bx1)), max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    hull = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
+    return inter / union - (hull - union) / hull
+
+
+def ref_cost(logit_row, box, label, gt_box, alpha=0.25, gamma=2.0):
+    """Matching cost of one query against one GT, float64: 2*focal + 5*L1 - 2*GIoU."""
+    cls = 0.0
+    if label >= 0:
+        p = 1 / (1 + math.exp(-float(logit_row[label])))
+        cls = alpha * (1 - p) ** gamma * -math.log(p) - (1 - alpha) * p ** gamma * -math.log(1 - p)
+    l1 = sum(abs(float(x) - float(y)) for x, y in zip(box, gt_box))
+
+    def xyxy(b):
+        cx, cy, w, h = map(float, b)
+        return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    return 2 * cls + 5 * l1 - 2 * ref_giou(xyxy(box), xyxy(gt_box))
+
+
+def random_boxes(g, n):
+    """(n, 4) valid cxcywh boxes inside [0, 1]."""
+    wh = 0.05 + 0.4 * torch.rand(n, 2, generator=g)
+    c = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    return torch.cat([c, wh], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# boxes
+
+
+def test_box_conversions_roundtrip():
+    b = random_boxes(torch.Generator().manual_seed(0), 7)
+    xyxy = box_cxcywh_to_xyxy(b)
+    assert torch.allclose(xyxy[:, 0], b[:, 0] - b[:, 2] / 2) and torch.allclose(xyxy[:, 3], b[:, 1] + b[:, 3] / 2)
+    assert torch.allclose(box_xyxy_to_cxcywh(xyxy), b, atol=1e-6)
+
+
+def test_giou_hand_case():
+    # a = [0,0,2,2], b = [1,1,3,3]: intersection 1x1 = 1, union 4 + 4 - 1 = 7, hull [0,0,3,3] = 9
+    # IoU = 1/7, GIoU = 1/7 - (9 - 7)/9 = 1/7 - 2/9 = -5/63
+    a, b = torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3]])
+    assert generalized_box_iou(a, b).item() == pytest.approx(-5 / 63, abs=1e-6)
+    assert box_iou(a, b).item() == pytest.approx(1 / 7, abs=1e-6)
+
+
+def test_giou_matches_float64_formula():
+    g = torch.Generator().manual_seed(1)
+    a, b = box_cxcywh_to_xyxy(random_boxes(g, 6)), box_cxcywh_to_xyxy(random_boxes(g, 5))
+    got = generalized_box_iou(a.double(), b.double())
+    assert got.shape == (6, 5)
+    for i in range(6):
+        for j in range(5):
+            assert got[i, j].item() == pytest.approx(ref_giou(a[i], b[j]), abs=1e-9)
+
+
+def test_giou_degenerate_and_nan_do_not_crash():
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.6, 0.2, 0.1, 0.9], [0.0, 0.0, 1.0, 1.0]])  # point, inverted, full
+    out = generalized_box_iou(boxes, boxes)
+    assert torch.isfinite(out).all() and (out >= -1).all() and (out <= 1 + 1e-6).all()
+    assert torch.isnan(generalized_box_iou(torch.full((1, 4), float("nan")), boxes)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# focal loss and KL
+
+
+def test_focal_loss_matches_float64_formula():
+    g = torch.Generator().manual_seed(2)
+    x = 4 * torch.randn(50, generator=g)
+    t = (torch.rand(50, generator=g) < 0.3).float()
+    got = sigmoid_focal_loss(x.half(), t)  # half in: the function must compute in fp32
+    assert got.dtype == torch.float32
+    for xi, ti, gi in zip(x.half().double().tolist(), t.tolist(), got.tolist()):
+        p = 1 / (1 + math.exp(-xi))
+        ref = -0.25 * ti * (1 - p) ** 2 * math.log(p) - 0.75 * (1 - ti) * p ** 2 * math.log(1 - p)
+        assert gi == pytest.approx(ref, rel=1e-4, abs=1e-7)
+
+
+def test_soft_kl_matches_float64_formula():
+    g = torch.Generator().manual_seed(3)
+    s, t = 100 * torch.randn(4, 9, generator=g).tanh() * 0.1, 100 * torch.randn(4, 9, generator=g).tanh() * 0.1
+    ps, pt = torch.softmax(s.double(), -1), torch.softmax(t.double(), -1)
+    ref = (pt * (pt / ps).log()).sum().item()
+    assert soft_kl(s, t).item() == pytest.approx(ref, rel=1e-4)
+    assert soft_kl(t, t).item() == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# matcher
+
+
+def make_outputs(g, B, Q, C):
+    return {"pred_logits": torch.randn(B, Q, C, generator=g), "pred_boxes": random_boxes(g, B * Q).view(B, Q, 4)}
+
+
+def brute_force(logits, boxes, labels, gt_boxes):
+    """logits (Q, C), boxes (Q, 4), labels (n,), gt_boxes (n, 4) -> best (query per GT) tuple by enumeration."""
+    Q, n = len(boxes), len(labels)
+    cost = [[ref_cost(logits[q], boxes[q], int(labels[j]), gt_boxes[j]) for j in range(n)] for q in range(Q)]
+    return min(itertools.permutations(range(Q), n), key=lambda qs: sum(cost[q][j] for j, q in enumerate(qs)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matcher_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = make_outputs(g, 3, 5, 6)
+    targets = [{"labels": torch.tensor([1, 4, -1]), "boxes": random_boxes(g, 3)},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+               {"labels": torch.randint(0, 6, (2,), generator=g), "boxes": random_boxes(g, 2)}]
+    (matches,) = HungarianMatcher()([out], targets)
+    for b, (t, (qi, gi)) in enumerate(zip(targets, matches)):
+        assert qi.dtype == gi.dtype == torch.int64 and len(qi) == len(t["labels"])
+        if len(qi) == 0:
+            continue
+        got = [0] * len(gi)
+        for q, j in zip(qi.tolist(), gi.tolist()):
+            got[j] = q
+        assert tuple(got) == brute_force(out["pred_logits"][b], out["pred_boxes"][b], t["labels"], t["boxes"])
+
+
+def test_matcher_list_equals_single_and_survives_nan():
+    g = torch.Generator().manual_seed(7)
+    outs = [make_outputs(g, 2, 8, 5) for _ in range(3)]
+    outs[1]["pred_boxes"][0, 2] = float("nan")  # a diverged prediction must not crash scipy
+    targets = [{"labels": torch.tensor([0, 3, -1]), "boxes": random_boxes(g, 3)},
+               {"labels": torch.tensor([2]), "boxes": random_boxes(g, 1)}]
+    matcher = HungarianMatcher()
+    together = matcher(outs, targets)
+    for out, res in zip(outs, together):
+        (alone,) = matcher([out], targets)
+        for (q1, g1), (q2, g2) in zip(res, alone):
+            assert torch.equal(q1, q2) and torch.equal(g1, g2)
+    assert 2 not in together[1][0][0].tolist()  # the NaN query loses the match
+
+
+def test_matcher_no_gt():
+    out = make_outputs(torch.Generator().manual_seed(8), 2, 4, 3)
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    res = HungarianMatcher()([out, out], [empty, empty])
+    assert len(res) == 2 and all(len(q) == 0 for r in res for q, _ in r)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# federated class sampling
+
+
+def chosen(labels, weights, n):
+    classes, keep = sample_federated_classes(labels, weights, n)
+    return set(classes[0][keep[0]].tolist())
+
+
+def inclusion_counts(labels, weights, n, draws):
+    """how often each class is chosen over `draws` independent samples (drawn in one call)"""
+    classes, keep = sample_federated_classes(labels, weights, n, draws)
+    return np.bincount(classes[keep].numpy(), minlength=len(weights)).astype(float)
+
+
+def test_federated_contains_gt_excludes_zero_weight_and_has_50():
+    torch.manual_seed(0)
+    C = 300
+    w = torch.rand(C) * 10
+    w[::7] = 0  # never sample these as negatives
+    labels = torch.tensor([7, 7, 14, 3, -1, 299])  # 7 and 14 have weight 0 but are GT classes
+    for _ in range(20):
+        s = chosen(labels, w, 50)
+        assert {7, 14, 3, 299} <= s and len(s) == 50
+        assert all(c in (7, 14) or w[c] > 0 for c in s)
+    repeated = torch.tensor([5, 6] * 40)  # more GT boxes than 50 but only 2 classes: still 50 classes in all
+    assert len(chosen(repeated, w, 50)) == 50
+    many = torch.arange(60)
+    assert chosen(many, w, 50) == set(range(60))  # >= 50 GT classes: just those
+    assert len(chosen(torch.zeros(0, dtype=torch.int64), w, 50)) == 50  # no GT at all
+
+
+def test_federated_single_draw_probabilities():
+    # GT class 0 plus exactly one draw: P(class c) = w_c / sum of the other weights
+    torch.manual_seed(1)
+    w = torch.tensor([1.0, 1.0, 4.0, 0.0, 2.0])
+    n = 20000
+    counts = inclusion_counts(torch.tensor([0]), w, 2, n)
+    np.testing.assert_allclose(counts / n, [1, 1 / 7, 4 / 7, 0, 2 / 7], atol=0.015)
+
+
+def test_federated_inclusion_follows_sequential_sampling():
+    # three successive draws without replacement, simulated independently with numpy
+    w = np.array([0.0, 1.0, 4.0, 0.5, 2.0, 1.0, 3.0, 0.0, 1.5])
+    rng, n = np.random.default_rng(0), 4000
+    ref = np.zeros(len(w))
+    for _ in range(n):
+        left = w.copy()
+        left[0] = 0  # the GT class is not drawn
+        for _ in range(3):
+            c = rng.choice(len(w), p=left / left.sum())
+            ref[c] += 1
+            left[c] = 0
+    torch.manual_seed(2)
+    got = inclusion_counts(torch.tensor([0, -1]), torch.tensor(w, dtype=torch.float32), 4, n)
+    assert got[0] == n  # the GT class, always
+    got[0] = 0
+    np.testing.assert_allclose(got / n, ref / n, atol=0.035)
+    assert got[2] > 1.5 * got[1] and got[7] == 0  # weight 4 is chosen clearly more often than weight 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# criterion end to end
+
+
+LB, LQ, LC, LL, LG, LM = 2, 10, 8, 3, 3, 2  # batch, queries, classes, layers, DN groups, max GT
+GT_BOXES = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.3, 0.15, 0.1, 0.1]])  # top-left; predictions are made elsewhere
+
+
+def make_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def layer(n, soft=False):
+        boxes = random_boxes(g, LB * n).view(LB, n, 4) * 0.4 + 0.55  # bottom-right, far from the GT
+        d = {"pred_logits": torch.randn(LB, n, LC, generator=g), "pred_boxes": boxes}
+        if soft:
+            d["pred_soft"] = 10 * torch.randn(LB, n, LC, generator=g)
+        return d
+
+    last = layer(LQ, soft=True)
+    last["pred_boxes"][0, 7] = GT_BOXES[1]  # query 7 of image 0 surely matches GT 1 (label -1)
+    dn = [layer(2 * LG * LM) for _ in range(LL - 1)] + [layer(2 * LG * LM, soft=True)]
+    for grp in range(LG):  # last DN layer: positives predict their GT exactly
+        dn[-1]["pred_boxes"][0, grp * 2 * LM:grp * 2 * LM + 2] = GT_BOXES
+    outputs = dict(last, aux_outputs=[layer(LQ) for _ in range(LL - 1)], enc_outputs=layer(LQ), dn_outputs=dn,
+                   dn_meta={"num_groups": LG, "max_gt": LM})
+    targets = [{"labels": torch.tensor([3, -1]), "boxes": GT_BOXES.clone(), "teacher_logits": 10 * torch.randn(2, LC)},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+                "teacher_logits": torch.zeros(0, LC)}]
+    return outputs, targets
+
+
+def leaves(outputs):
+    ts = [outputs[k] for k in ("pred_logits", "pred_boxes", "pred_soft")]
+    for d in outputs["aux_outputs"] + [outputs["enc_outputs"]] + outputs.get("dn_outputs", []):
+        ts += list(d.values())
+    return ts
+
+
+def run(criterion, outputs, targets, seed=0):
+    torch.manual_seed(seed)  # the federated draws are random: same seed, same draws
+    return criterion(outputs, targets)
+
+
+def test_criterion_end_to_end():
+    outputs, targets = make_case()
+    for t in leaves(outputs):
+        t.requires_grad_(True)
+    crit = SetCriterion(LC, torch.tensor([0.0, 1, 2, 3, 1, 1, 2, 5]), fed_num_classes=5)
+    losses = run(crit, outputs, targets)
+    names = {f"loss_{k}{s}" for k in ("ce", "bbox", "giou")
+             for s in ["", "_0", "_1", "_enc", "_dn", "_dn_0", "_dn_1"]} | {"loss_soft", "loss_soft_dn"}
+    assert set(losses) == names
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    # the last DN layer's positives equal their GT: zero box losses
+    assert losses["loss_bbox_dn"].item() == 0 and losses["loss_giou_dn"].item() == pytest.approx(0, abs=1e-6)
+    # one positive off by 0.1 in cx: L1 = weight 5 * 0.1 / (num_boxes 2 * LG 3)
+    outputs["dn_outputs"][-1]["pred_boxes"].data[0, 2 * LM + 1, 0] += 0.1
+    assert run(crit, outputs, targets)["loss_bbox_dn"].item() == pytest.approx(5 * 0.1 / (2 * LG), rel=1e-5)
+    # gradients reach every prediction used
+    sum(losses.values()).backward()
+    for name in ("pred_logits", "pred_boxes", "pred_soft"):
+        assert outputs[name].grad is not None and outputs[name].grad.abs().sum() > 0
+    assert outputs["dn_outputs"][-1]["pred_soft"].grad.abs().sum() > 0
+
+
+def test_label_minus_one_excluded_from_ce():
+    outputs, targets = make_case(1)
+    crit = SetCriterion(LC, torch.ones(LC), fed_num_classes=LC)  # every class in the subset: no sampling luck
+    base = run(crit, outputs, targets)
+    # query 7, matched to the label -1 GT, has no effect on the classification loss; class 3 (GT 0's) is left
+    # alone so that the matching itself does not change
+    outputs["pred_logits"][0, 7, [0, 1, 2, 4, 5, 6, 7]] += 5
+    outputs["dn_outputs"][0]["pred_logits"][0, 1] -= 5  # DN positive of the label -1 GT in the first DN layer
+    after = run(crit, outputs, targets)
+    assert after["loss_ce"].item() == pytest.approx(base["loss_ce"].item(), rel=1e-6)
+    assert after["loss_ce_dn_0"].item() == pytest.approx(base["loss_ce_dn_0"].item(), rel=1e-6)
+    outputs["pred_logits"][0, 6] += 5  # an unmatched query is a negative: the loss does change
+    assert run(crit, outputs, targets)["loss_ce"].item() > after["loss_ce"].item() + 1e-3
+
+
+def test_soft_loss_hand_value_and_no_gt_batch():
+    outputs, targets = make_case(2)
+    crit = SetCriterion(LC, torch.ones(LC), lambda_soft=0.5)
+    # student of the query matched to GT 1 (query 7) set to its teacher: only GT 0's matched query contributes
+    outputs["pred_soft"][0, 7] = targets[0]["teacher_logits"][1]
+    (matches,) = HungarianMatcher()([outputs], targets)
+    q0 = matches[0][0][matches[0][1].tolist().index(0)].item()
+    pt = torch.softmax(targets[0]["teacher_logits"][0].double(), -1)
+    ps = torch.softmax(outputs["pred_soft"][0, q0].double(), -1)
+    ref = 0.5 * (pt * (pt / ps).log()).sum().item() / 2  # lambda 0.5, num_boxes 2
+    got = run(crit, outputs, targets)
+    assert got["loss_soft"].item() == pytest.approx(ref, rel=1e-4)
+    # DN: the positive copies of image 0's two GT in each of the LG groups, normalised by num_boxes * LG
+    pt = torch.softmax(targets[0]["teacher_logits"].double(), -1)
+    ref_dn = sum((pt[j] * (pt[j] / torch.softmax(outputs["dn_outputs"][-1]["pred_soft"][0, grp * 2 * LM + j].double(),
+                                                  -1)).log()).sum().item() for grp in range(LG) for j in range(2))
+    assert got["loss_soft_dn"].item() == pytest.approx(0.5 * ref_dn / (2 * LG), rel=1e-4)
+    # a batch without any GT: background-only classification, box/soft losses are zeros that still carry grad
+    outputs, _ = make_case(3)
+    del outputs["dn_outputs"], outputs["dn_meta"]
+    for t in leaves(outputs):
+        t.requires_grad_(True)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+              "teacher_logits": torch.zeros(0, LC)} for _ in range(LB)]
+    losses = run(crit, outputs, empty)
+    assert losses["loss_ce"] > 0 and losses["loss_bbox"].item() == 0 and losses["loss_soft"].item() == 0
+    assert all(v.requires_grad for v in losses.values())
+    sum(losses.values()).backward()
+    assert outputs["pred_logits"].grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clip_teacher.py: the CLIP teacher
+
+TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+
+
+def tiny_cfg(image_size=64):
+    """A ModifiedResNet with one bottleneck per stage, width 8 (C5 has 256 channels, 4 heads)."""
+    return dict(embed_dim=32, text_cfg=TEXT_CFG,
+                vision_cfg=dict(image_size=image_size, layers=[1, 1, 1, 1], width=8, patch_size=None))
+
+
+def tiny_teacher(tmp_path, seed=0, image_size=64):
+    torch.manual_seed(seed)
+    teacher = ClipTeacher('RN50', pretrained=None, cache_dir=str(tmp_path), model_cfg=tiny_cfg(image_size))
+    # random BatchNorm affine/statistics so that every block contributes (CLIP zero-inits bn3)
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return teacher
+
+
+def imagenet_normalise(raw):
+    return (raw - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def clip_logits_of_whole_images(teacher, raw, text_embed):
+    """Independent path: CLIP's own image encoder (stem..attnpool) on CLIP-normalised raw pixels."""
+    x = (raw - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        feat = F.normalize(teacher.model.visual(x), dim=-1)
+    return 100 * feat @ F.normalize(text_embed, dim=-1).T
+
+
+def test_box_logits_shapes_and_whole_image_equality(tmp_path):
+    teacher = tiny_teacher(tmp_path)
+    assert teacher.grid == 2
+    text_embed = torch.randn(5, 32)
+    raw = torch.rand(2, 3, 64, 64)
+    images = imagenet_normalise(raw)
+    boxes = [torch.tensor([[0., 0., 64., 64.], [3., 5., 40., 30.], [10., 10., 11., 12.]]), torch.zeros(0, 4)]
+    out = teacher.box_logits(images, boxes, text_embed)
+    assert [o.shape for o in out] == [(3, 5), (0, 5)]
+    assert all(o.dtype == torch.float32 and not o.requires_grad for o in out)
+    assert out[0].abs().max() <= 100 + 1e-4
+    ref = clip_logits_of_whole_images(teacher, raw, text_embed)
+    torch.testing.assert_close(out[0][0], ref[0], atol=1e-4, rtol=0)
+    # boxes of the second image only: the C5 map used must still be that of image 1
+    out = teacher.box_logits(images, [torch.zeros(0, 4), torch.tensor([[0., 0., 64., 64.]])], text_embed)
+    assert out[0].shape == (0, 5)
+    torch.testing.assert_close(out[1][0], ref[1], atol=1e-4, rtol=0)
+    # no box anywhere
+    assert [o.shape for o in teacher.box_logits(images, [torch.zeros(0, 4)] * 2, text_embed)] == [(0, 5)] * 2
+
+
+@pytest.mark.parametrize('name,grid', [('RN50x4', 9), ('RN50x16', 12)])
+def test_grid_follows_attnpool(tmp_path, name, grid):
+    # a tiny tower at the real config's input size has the real attnpool grid (building RN50x16 itself is slow)
+    image_size = clip_teacher.open_clip.get_model_config(name)['vision_cfg']['image_size']
+    teacher = tiny_teacher(tmp_path, image_size=image_size)
+    assert teacher.grid == grid == image_size // 32
+    raw, text_embed = torch.rand(1, 3, image_size, image_size), torch.randn(4, 32)
+    box = torch.tensor([[0., 0., image_size, image_size]])
+    out = teacher.box_logits(imagenet_normalise(raw), [box], text_embed)[0]
+    torch.testing.assert_close(out, clip_logits_of_whole_images(teacher, raw, text_embed), atol=1e-4, rtol=0)
+
+
+def test_checkpoint_path_loads(tmp_path):
+    teacher = tiny_teacher(tmp_path)
+    path = str(tmp_path / 'tiny.pt')
+    torch.save(teacher.model.state_dict(), path)
+    loaded = ClipTeacher('RN50', pretrained=path, cache_dir=str(tmp_path), model_cfg=tiny_cfg())
+    for (k, a), b in zip(teacher.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert loaded.weights_fingerprint() == teacher.weights_fingerprint()
+
+
+def test_real_rn50_random_init(tmp_path):
+    torch.manual_seed(0)
+    teacher = ClipTeacher('RN50', pretrained=None, cache_dir=str(tmp_path))
+    assert teacher.grid == 7
+    raw, text_embed = torch.rand(1, 3, 224, 224), torch.randn(3, 1024)
+    out = teacher.box_logits(imagenet_normalise(raw), [torch.tensor([[0., 0., 224., 224.]])], text_embed)
+    assert out[0].shape == (1, 3)
+    torch.testing.assert_close(out[0], clip_logits_of_whole_images(teacher, raw, text_embed), atol=1e-4, rtol=0)
+
+
+def test_frozen_and_always_eval(tmp_path):
+    teacher = tiny_teacher(tmp_path)
+    parent = torch.nn.Sequential(torch.nn.Linear(2, 2), teacher)
+    parent.train()
+    assert parent[0].training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_vit_tower_rejected(tmp_path):
+    vit = dict(embed_dim=32, text_cfg=TEXT_CFG,
+               vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16))
+    with pytest.raises(ValueError, match='ModifiedResNet'):
+        ClipTeacher('ViT-B-32', pretrained=None, cache_dir=str(tmp_path), model_cfg=vit)
+
+
+def test_prompt_templates():
+    assert len(PROMPT_TEMPLATES) == 81 and len(set(PROMPT_TEMPLATES)) == 81
+    assert PROMPT_TEMPLATES[0] == '{}.' and PROMPT_TEMPLATES[1] == 'a bad photo of a {}.'
+    assert all(t.count('{}') == 1 for t in PROMPT_TEMPLATES)
+
+
+def test_text_embeddings_mean_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_teacher, 'TEXT_CHUNK', 1)  # exercise the chunking
+    teacher = tiny_teacher(tmp_path)
+    names = ['cat', 'bow_(weapon)']
+    embed = teacher.text_embeddings(names)
+    assert embed.shape == (2, 32) and embed.dtype == torch.float32
+    # reference: all 162 prompts in one encode_text call, un-normalised mean over templates
+    prompts = [t.format(n) for t in PROMPT_TEMPLATES for n in names]
+    with torch.no_grad():
+        ref = teacher.model.encode_text(clip_teacher.open_clip.tokenize(prompts)).view(81, 2, 32).mean(0)
+    torch.testing.assert_close(embed, ref, atol=1e-5, rtol=1e-5)
+    assert [f for f in os.listdir(tmp_path) if f.endswith('.tmp')] == []
+
+    calls = []
+    real_encode = teacher.model.encode_text
+
+    def counting_encode(tokens):
+        calls.append(len(tokens))
+        return real_encode(tokens)
+
+    def failing_encode(tokens):
+        raise AssertionError('should have been read from the cache')
+
+    monkeypatch.setattr(teacher.model, 'encode_text', failing_encode)
+    torch.testing.assert_close(teacher.text_embeddings(names), embed, atol=0, rtol=0)
+    monkeypatch.setattr(teacher.model, 'encode_text', counting_encode)
+    changed = teacher.text_embeddings(names + ['dog'])
+    assert len(calls) == 81 * 3 and changed.shape == (3, 32)
+    torch.testing.assert_close(changed[:2], embed, atol=1e-5, rtol=1e-5)
+    # other weights (another seed), same names: a different cache entry
+    other = tiny_teacher(tmp_path, seed=1)
+    assert other.weights_fingerprint() != teacher.weights_fingerprint()
+    assert not torch.allclose(other.text_embeddings(names), embed)
+
+
+def test_renormalisation_float64(tmp_path):
+    teacher = tiny_teacher(tmp_path)
+    raw = torch.rand(3, 5, 7, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    x = (raw - torch.tensor(IMAGENET_MEAN, **f64).view(3, 1, 1)) / torch.tensor(IMAGENET_STD, **f64).view(3, 1, 1)
+    mapped = x * teacher.renorm_scale.double() + teacher.renorm_shift.double()
+    ref = (raw - torch.tensor(CLIP_MEAN, **f64).view(3, 1, 1)) / torch.tensor(CLIP_STD, **f64).view(3, 1, 1)
+    torch.testing.assert_close(mapped, ref, atol=1e-6, rtol=0)  # the buffers are float32
+
+
+def test_boxes_from_targets():
+    targets = [{'boxes': torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.1, 0.2]]), 'size': torch.tensor([100, 200])},
+               {'boxes': torch.zeros(0, 4), 'size': torch.tensor([64, 64])}]
+    out = boxes_from_targets(targets)
+    # size is (h, w) = (100, 200): x scales by 200, y by 100
+    torch.testing.assert_close(out[0], torch.tensor([[0., 0., 200., 100.], [40., 40., 60., 60.]]))
+    assert out[1].shape == (0, 4)
+
+
+def test_hard_labels_from_teacher():
+    logits = torch.tensor([[10., 0., 0.], [0., 0., 0.], [0., 1., 0.], [0., 0., -50.]])
+    # softmax max probabilities by hand: ~1, 1/3, e/(e+2) = 0.576, 1/2 (> 0.5 is strict)
+    assert math.isclose(math.e / (math.e + 2), 0.5761, abs_tol=1e-4)
+    assert hard_labels_from_teacher(logits, 0.5).tolist() == [0, -1, 1, -1]
+    assert hard_labels_from_teacher(logits, 0.3).tolist() == [0, 0, 1, 0]
+    assert hard_labels_from_teacher(logits, 0.3).dtype == torch.int64
+
+
+def test_map_to_nearest_class_by_hand():
+    text_embed = torch.tensor([[1., 0., 0.], [0., 1., 0.], [0., 0., 1.]])
+    extra = torch.tensor([[2., 0.1, 0.], [0., 1., 1.1], [-1., -1., -1.]])
+    # cosines: row 0 -> class 0 (0.998); row 1 -> class 2 (1.1/sqrt(2.21) = 0.740); row 2 -> all -0.577
+    assert map_to_nearest_class(extra, text_embed, 0.5).tolist() == [0, 2, -1]
+    assert map_to_nearest_class(extra, text_embed, 0.8).tolist() == [0, -1, -1]
+
+
+@needs_data
+def test_map_to_nearest_class_real_clip_rn50():
+    with open(os.path.join(DATA, 'lvis_meta', 'lvis_v1_train_cat_info.json')) as f:
+        names = [c['name'] for c in sorted(json.load(f), key=lambda c: c['id'])]
+    embed = torch.from_numpy(np.load(os.path.join(DATA, 'lvis_meta', 'lvis_v1_clip_RN50_a+cname.npy')).astype(np.float32))
+    cases = {'kitten': 'cat', 'puppy': 'dog', 'duckling': 'duck', 'pony': 'horse',
+             'convertible_(automobile)': 'car_(automobile)'}
+    for extra_name, expected in cases.items():
+        # the extra class is absent from the detector vocabulary: it must fall onto its parent class
+        keep = [i for i, n in enumerate(names) if n != extra_name]
+        vocab = [names[i] for i in keep]
+        mapped = map_to_nearest_class(embed[names.index(extra_name)][None], embed[keep], min_cos=0.5)
+        assert vocab[mapped.item()] == expected, extra_name
+    junk = torch.randn(3, embed.shape[1], generator=torch.Generator().manual_seed(0))
+    assert map_to_nearest_class(junk, embed, min_cos=0.5).tolist() == [-1, -1, -1]
+
+
+@needs_data
+def test_load_wnid_to_class_json_and_tsv_agree():
+    from_json = load_wnid_to_class(os.path.join(DATA, 'inet_lvis_mini', 'imagenet_lvis_image_info.json'))
+    from_tsv = load_wnid_to_class(os.path.join(DATA, 'lvis_meta', 'imagenet_wnid_to_lvis_id.tsv'))
+    assert len(from_json) == 246 and len(from_tsv) == 997
+    assert all(from_tsv[wnid] == c for wnid, c in from_json.items())
+    with open(os.path.join(DATA, 'lvis_meta', 'lvis_v1_train_cat_info.json')) as f:
+        names = {c['id'] - 1: c['name'] for c in json.load(f)}
+    assert names[from_tsv['n01443537']] == 'goldfish'  # wnid of goldfish, class index = LVIS id - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: LVIS, mosaics, samplers, loaders
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def to_pixels(image):
+    """(3, H, W) normalised -> (H, W, 3) float64 pixel values 0..255 (independent of data.py's constants)."""
+    return (image.double().permute(1, 2, 0).numpy() * STD + MEAN) * 255
+
+
+def abs_xyxy(boxes, h, w):
+    cx, cy, bw, bh = boxes.double().unbind(-1)
+    return torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+
+
+# ------------------------------------------------------------------------------------------ repeat-factor sampling
+
+# t = 0.9; class 0 in 9/10 images (r = 1), class 1 in 4/10 (sqrt(0.9/0.4) = 1.5), class 2 in 1/10 (sqrt(9) = 3)
+TOY_CLASSES = [[0, 1, 2, 1], [0, 1], [1, 0, 0], [0, 1], [0], [0], [0], [0], [0], []]
+TOY_FACTORS = [3.0, 1.5, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_repeat_factors_hand_computed():
+    r = data.repeat_factors(TOY_CLASSES, thresh=0.9)
+    assert torch.allclose(r, torch.tensor(TOY_FACTORS, dtype=torch.float64))
+
+
+def test_repeat_factor_expected_counts():
+    s = data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=3, rank=0, world_size=1)
+    epochs, counts = 3000, np.zeros(10)
+    for e in range(epochs):
+        s.set_epoch(e)
+        idx = list(s)
+        c = np.bincount(idx, minlength=10)
+        # stochastic rounding: each image appears floor(r) or ceil(r) times
+        assert all(math.floor(f) <= k <= math.ceil(f) for k, f in zip(c, TOY_FACTORS))
+        counts += c
+    assert np.allclose(counts / epochs, TOY_FACTORS, atol=0.04)
+
+
+def test_repeat_factor_ranks_shards_and_epochs():
+    world = 4
+    full = data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=11, rank=0, world_size=1)
+    ranks = [data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=11, rank=r, world_size=world) for r in range(4)]
+    orders = []
+    for epoch in range(5):
+        full.set_epoch(epoch)
+        for s in ranks:
+            s.set_epoch(epoch)
+        whole = list(full)
+        shards = [list(s) for s in ranks]
+        assert len({len(s) for s in shards}) == 1 and all(len(s) == len(ranks[0]) for s in ranks)
+        padded = whole + whole[:(-len(whole)) % world]
+        # every rank cut the same list: interleaving the shards gives back the single-process order
+        merged = [shards[r][k] for k in range(len(shards[0])) for r in range(world)]
+        assert merged == padded
+        # the shards are disjoint positions of that list and cover it; padding is less than one per rank
+        assert sorted(sum(shards, [])) == sorted(padded) and len(padded) - len(whole) < world
+        orders.append(whole)
+    assert len({tuple(o) for o in orders}) == 5
+
+
+def test_repeat_factor_resume():
+    a = data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=5, rank=1, world_size=2)
+    a.set_epoch(7)
+    b = data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=0, rank=1, world_size=2)
+    b.load_state_dict(a.state_dict())
+    assert list(a) == list(b) and len(a) == len(b)
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+def test_resize_rule_hand_cases():
+    img = Image.new("RGB", (200, 100))
+    boxes = torch.tensor([[20.0, 10.0, 60.0, 50.0]])
+    out, b = data.resize(img, boxes, 80, 1333)
+    assert out.size == (160, 80) and torch.allclose(b, torch.tensor([[16.0, 8.0, 48.0, 40.0]]))
+    out, b = data.resize(img, boxes, 80, 120)  # long side would be 160 > 120
+    assert out.size == (120, 60) and torch.allclose(b, torch.tensor([[12.0, 6.0, 36.0, 30.0]]))
+
+
+RECT_COLOURS = [(230, 30, 30), (30, 200, 40), (40, 40, 230), (230, 220, 20)]
+RECTS = [(10, 12, 70, 60), (100, 20, 190, 75), (30, 100, 110, 170), (150, 110, 230, 165)]
+
+
+def test_train_transform_keeps_boxes_on_objects():
+    canvas = Image.new("RGB", (240, 180), (128, 128, 128))
+    draw = ImageDraw.Draw(canvas)
+    for (x0, y0, x1, y1), col in zip(RECTS, RECT_COLOURS):
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=col)  # PIL's rectangle includes x1, y1
+    aug = data.TrainAugment(scales=(96, 128, 160), max_size=260, crop_scales=(100, 130), crop_size=(60, 110))
+    boxes, labels = torch.tensor(RECTS, dtype=torch.float32), torch.arange(4)
+    flipped = cropped = 0
+    for seed in range(40):
+        random.seed(seed)
+        img, b, lab = aug(canvas, boxes.clone(), labels.clone())
+        px = np.asarray(img).astype(np.float64)
+        h, w = px.shape[:2]
+        assert min(h, w) in (96, 128, 160) or max(h, w) == 260
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= h).all()
+        assert ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+        cropped += len(lab) < 4
+        for c in range(4):
+            near = np.abs(px - RECT_COLOURS[c]).max(-1) < 40
+            if c not in lab.tolist():
+                assert near.sum() <= 2 * (h + w) * 0.05 + 4  # a dropped object is (nearly) invisible
+                continue
+            x0, y0, x1, y1 = b[lab.tolist().index(c)].tolist()
+            if x1 - x0 < 3 or y1 - y0 < 3:
+                continue  # a crop can leave a sliver that resizing blurs into the background
+            ys, xs = np.nonzero(near)
+            # the colour's extent equals the box, up to resize blur at the edges
+            assert abs(xs.min() - x0) <= 2 and abs(xs.max() + 1 - x1) <= 2
+            assert abs(ys.min() - y0) <= 2 and abs(ys.max() + 1 - y1) <= 2
+            inner = near[int(y0) + 1:int(y1) - 1, int(x0) + 1:int(x1) - 1]
+            assert inner.size == 0 or inner.mean() > 0.9
+            flipped += c == 0 and (x0 + x1) / 2 > w / 2
+    assert flipped > 0 and cropped > 0  # both random branches were exercised
+
+
+# ------------------------------------------------------------------------------------------ fixtures on disk
+
+def lvis_json(path, images, anns, n_cats=5):
+    cats = [{"id": i, "name": f"cat_{i}", "image_count": 10 * i, "frequency": "rcf"[i % 3]}
+            for i in range(n_cats, 0, -1)]  # unsorted on purpose: class order is by id
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return str(path)
+
+
+def test_lvis_box_cleaning_and_paths(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (100, 80), (10, 20, 30)).save(flat / "a.png")
+    Image.new("RGB", (50, 40)).save(flat / "b.png")
+    images = [{"id": 7, "file_name": "a.png", "width": 100, "height": 80},
+              {"id": 3, "file_name": "b.png", "width": 50, "height": 40}]
+    anns = [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [-10, 5, 30, 20], "area": 1},   # -> 0 5 20 25
+            {"id": 2, "image_id": 7, "category_id": 4, "bbox": [50, 50, 0, 10], "area": 0},    # empty: dropped
+            {"id": 3, "image_id": 7, "category_id": 3, "bbox": [5, 5, 9, 9], "area": 81, "iscrowd": 1},
+            {"id": 4, "image_id": 7, "category_id": 5, "bbox": [90, 70, 20, 20], "area": 1},   # -> 90 70 100 80
+            {"id": 5, "image_id": 7, "category_id": 1, "bbox": [120, 10, 5, 5], "area": 1}]    # outside: dropped
+    ds = data.LvisDetection(lvis_json(tmp_path / "a.json", images, anns), str(flat), data.EvalResize(80, 1333))
+    assert ds.class_names == [f"cat_{i}" for i in range(1, 6)] and ds.cat_ids == [1, 2, 3, 4, 5]
+    assert ds.class_image_counts.tolist() == [10, 20, 30, 40, 50] and ds.frequency == ["c", "f", "r", "c", "f"]
+    assert ds.image_ids.tolist() == [3, 7] and len(ds) == 2  # sorted by id, the image without boxes kept
+    image, t = ds[1]
+    assert image.shape == (3, 80, 100) and t["image_id"] == 7 and t["labels"].tolist() == [1, 4]
+    want = torch.tensor([[10 / 100, 15 / 80, 20 / 100, 20 / 80], [95 / 100, 75 / 80, 10 / 100, 10 / 80]])
+    assert torch.allclose(t["boxes"], want) and t["size"].tolist() == [80, 100] and t["replaced"] == 0
+    assert np.allclose(to_pixels(image)[0, 0], (10, 20, 30), atol=0.5)
+    _, t = ds[0]
+    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["size"].tolist() == [80, 100]
+    assert [c.tolist() for c in ds.image_classes()] == [[], [1, 4]]
+
+    # LVIS v1 style: no file_name, the split folder comes from coco_url
+    (tmp_path / "coco" / "val2017").mkdir(parents=True)
+    Image.new("RGB", (100, 80)).save(tmp_path / "coco" / "val2017" / "000000000007.jpg")
+    url = [{"id": 7, "coco_url": "http://images.cocodataset.org/val2017/000000000007.jpg", "width": 100,
+            "height": 80}]
+    ds = data.LvisDetection(lvis_json(tmp_path / "v1.json", url, anns), str(tmp_path / "coco"), data.EvalResize(40))
+    assert ds[0][0].shape == (3, 40, 50) and ds[0][1]["orig_size"].tolist() == [80, 100]
+
+
+def test_missing_files_named(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    ann = lvis_json(tmp_path / "a.json", [{"id": 1, "file_name": "sub/x.jpg", "width": 4, "height": 4}], [])
+    for args, needle in [((str(tmp_path / "nope.json"), str(tmp_path / "imgs")), "nope.json"),
+                         ((ann, str(tmp_path / "no_imgs")), "no_imgs"),
+                         ((ann, str(tmp_path / "imgs")), os.path.join("imgs", "sub"))]:
+        with pytest.raises(FileNotFoundError, match=needle):
+            data.LvisDetection(*args, data.EvalResize())
+    with pytest.raises(FileNotFoundError, match="imagenet_lvis_image_info.json"):
+        data.InetLvisMosaic(str(tmp_path), [1], data.TrainAugment())
+    with open(tmp_path / "imagenet_lvis_image_info.json", "w") as f:
+        json.dump({"categories": [], "images": [], "annotations": []}, f)
+    with pytest.raises(FileNotFoundError, match=os.path.join(str(tmp_path), "images")):
+        data.InetLvisMosaic(str(tmp_path), [1], data.TrainAugment())
+
+
+def test_bad_and_odd_images(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(root / "good.png")
+    Image.new("L", (64, 48), 77).save(root / "gray.jpg", quality=100)
+    Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(root / "cmyk.jpg", quality=100)
+    Image.new("P", (64, 48), 3).save(root / "pal.png")
+    noise = Image.fromarray(np.random.RandomState(0).randint(0, 255, (96, 128, 3), dtype=np.uint8))
+    noise.save(root / "full.jpg", quality=95)
+    raw = (root / "full.jpg").read_bytes()
+    (root / "trunc.jpg").write_bytes(raw[: len(raw) // 2])
+    (root / "text.jpg").write_text("this is not an image")
+    names = ["good.png", "gray.jpg", "cmyk.jpg", "pal.png", "trunc.jpg", "text.jpg"]
+    for bad in ["trunc.jpg", "text.jpg"]:  # the reference: plain PIL refuses them too
+        with pytest.raises(OSError):
+            with Image.open(root / bad) as im:
+                im.load()
+    images = [{"id": i + 1, "file_name": n, "width": 64, "height": 48} for i, n in enumerate(names)]
+    ds = data.LvisDetection(lvis_json(tmp_path / "a.json", images, []), str(root), data.EvalResize(48))
+    for i in range(4):
+        image, t = ds[i]
+        assert image.shape == (3, 48, 64) and t["replaced"] == 0
+    assert np.allclose(to_pixels(ds[1][0]), 77, atol=2)           # grayscale -> equal RGB channels
+    assert np.allclose(to_pixels(ds[2][0]), (255, 0, 0), atol=3)  # CMYK (0, 255, 255, 0) is red
+    random.seed(0)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        _, t = ds[4]
+    assert t["replaced"] >= 1 and t["image_id"] in (1, 2, 3, 4) and "trunc.jpg" in caplog.text
+    # through worker processes: the count rides in the targets
+    total, ids = 0, []
+    for _, _, targets in data.eval_loader(ds, batch_size=2, num_workers=2, rank=0, world_size=1):
+        total += sum(t["replaced"] for t in targets)
+        ids += [t["image_id"] for t in targets]
+    assert total >= 2 and len(ids) == 6 and set(ids) <= {1, 2, 3, 4}
+
+
+# ------------------------------------------------------------------------------------------ mosaic
+
+TILE_COLOURS = {2: (220, 30, 30), 5: (30, 200, 40), 7: (40, 40, 220), 9: (230, 220, 20), 4: (240, 240, 240)}
+TILE_SIZES = {2: (60, 40), 5: (30, 70), 7: (50, 50), 9: (80, 24), 4: (41, 33)}
+
+
+def make_inet(tmp_path, bad=()):
+    images = []
+    for k, (cat, col) in enumerate(TILE_COLOURS.items()):
+        (tmp_path / "images" / f"n{cat:08d}").mkdir(parents=True)
+        name = f"n{cat:08d}/{k}.png"
+        if cat in bad:
+            (tmp_path / "images" / name).write_bytes(b"\x89PNG broken")
+        else:
+            Image.new("RGB", TILE_SIZES[cat], col).save(tmp_path / "images" / name)
+        images.append({"id": 100 + k, "file_name": name, "pos_category_ids": [cat], "width": TILE_SIZES[cat][0],
+                       "height": TILE_SIZES[cat][1]})
+    with open(tmp_path / "imagenet_lvis_image_info.json", "w") as f:
+        json.dump({"categories": [], "images": images, "annotations": []}, f)
+    return str(tmp_path)
+
+
+def test_mosaic_tiles_are_their_images(tmp_path):
+    S, cat_ids = 160, list(range(1, 11))
+    aug = data.TrainAugment(scales=(48, 64, 80), max_size=120, crop_scales=(50, 60), crop_size=(30, 45))
+    ds = data.InetLvisMosaic(make_inet(tmp_path), cat_ids, aug, canvas=S, pad_value=114)
+    for seed in range(25):
+        random.seed(seed)
+        image, t = ds[seed % len(ds)]
+        assert image.shape == (3, S, S) and t["size"].tolist() == [S, S] and t["replaced"] == 0
+        px = to_pixels(image)
+        b = abs_xyxy(t["boxes"], S, S)
+        assert b.shape == (4, 4) and (b >= -1e-4).all() and (b <= S + 1e-4).all()
+        labels = t["labels"].tolist()
+        assert labels[0] == list(TILE_COLOURS)[seed % len(ds)] - 1  # top left = the indexed image
+        # inner corners meet at one centre point in [S/4, 3S/4)
+        cx, cy = b[0, 2].item(), b[0, 3].item()
+        assert abs(b[1, 0] - cx) < 1e-3 and abs(b[3, 0] - cx) < 1e-3 and abs(b[2, 2] - cx) < 1e-3
+        assert abs(b[2, 1] - cy) < 1e-3 and abs(b[3, 1] - cy) < 1e-3 and abs(b[1, 3] - cy) < 1e-3
+        assert S / 4 <= cx < 3 * S / 4 and S / 4 <= cy < 3 * S / 4
+        covered = np.zeros((S, S), bool)
+        for box, lab in zip(b.round().long().tolist(), labels):
+            x0, y0, x1, y1 = box
+            col = TILE_COLOURS[lab + 1]
+            assert np.abs(px[y0:y1, x0:x1] - col).max() < 3  # the box holds only its image's colour
+            covered[y0:y1, x0:x1] = True
+        # outside the tiles only the pad colour, so each colour's region is exactly its box
+        assert np.abs(px[~covered] - 114).max() < 3
+        # each tile is as large as min(S/2 / h, S/2 / w) allows: one side reaches S/2 unless cut by the canvas
+        tile_w, tile_h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        assert ((tile_w <= S / 2 + 1e-3) & (tile_h <= S / 2 + 1e-3)).all()
+
+
+def test_mosaic_replaces_broken_tiles(tmp_path, caplog):
+    aug = data.TrainAugment(scales=(48,), max_size=80, crop_scales=(50,), crop_size=(30, 45))
+    ds = data.InetLvisMosaic(make_inet(tmp_path, bad=(5,)), list(range(1, 11)), aug, canvas=96)
+    random.seed(1)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        _, t = ds[1]  # index 1 is the broken one
+    assert t["replaced"] >= 1 and 4 not in t["labels"].tolist() and "1.png" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ batching and mixing
+
+def test_collate_pads_to_32():
+    a, b = torch.randn(3, 50, 70), torch.randn(3, 64, 33)
+    images, mask, targets = data.collate([(a, {"i": 0}), (b, {"i": 1})])
+    assert images.shape == (2, 3, 64, 96) and mask.shape == (2, 64, 96) and [t["i"] for t in targets] == [0, 1]
+    assert torch.equal(images[0, :, :50, :70], a) and images[0, :, 50:].abs().sum() == 0
+    assert images[0, :, :, 70:].abs().sum() == 0 and torch.equal(images[1, :, :, :33], b)
+    assert not mask[0, :50, :70].any() and mask[0, 50:].all() and mask[0, :, 70:].all()
+    assert not mask[1, :, :33].any() and mask[1, :, 33:].all()
+
+
+class Numbers(Dataset):
+    def __init__(self, n, offset):
+        self.n, self.offset = n, offset
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 8, 8), {"i": self.offset + i}
+
+
+def test_mixed_loader_pattern_and_extra_epochs():
+    main = Numbers(10, 0)
+    sampler = data.RepeatFactorSampler([[0]] * 10, seed=0, rank=0, world_size=1)  # all factors 1: a permutation
+    lvis = data.train_loader(main, sampler, batch_size=2, num_workers=0)
+    extra_ds = Numbers(3, 100)
+    extra = data.train_loader(extra_ds, data.extra_sampler(extra_ds, seed=0, rank=0, world_size=1), 1, 0)
+    mixed = data.MixedLoader(lvis, extra, ratio=(2, 1))
+    sources, extra_ids = [], []
+    for epoch in range(3):
+        mixed.set_epoch(epoch)
+        out = list(mixed)
+        assert len(out) == len(mixed) == 5 + 2
+        sources = [o[3] for o in out]
+        assert sources == ["lvis", "lvis", "extra", "lvis", "lvis", "extra", "lvis"]
+        assert sorted(t["i"] for o in out if o[3] == "lvis" for t in o[2]) == list(range(10))
+        extra_ids += [o[2][0]["i"] for o in out if o[3] == "extra"]
+    passes = [tuple(extra_ids[k:k + 3]) for k in range(0, 6, 3)]
+    assert all(sorted(p) == [100, 101, 102] for p in passes)  # the extra stream runs on across LVIS epochs
+    assert mixed.extra_epoch == 1 and extra.sampler.epoch == 1
+    # reference: torch's DistributedSampler order of pass 0, then of pass 1 (the epoch advanced)
+    ref = DistributedSampler(extra_ds, 1, 0, shuffle=True, seed=0)
+    assert passes[0] == tuple(100 + i for i in ref)
+    ref.set_epoch(1)
+    assert passes[1] == tuple(100 + i for i in ref)
+    assert data.MixedLoader(lvis).__len__() == 5 and {o[3] for o in data.MixedLoader(lvis)} == {"lvis"}
+
+
+# ------------------------------------------------------------------------------------------ real mini data
+
+
+
+@pytest.mark.skipif(not DATA, reason="RICHSEM_DATA not set")
+def test_mini_data_end_to_end():
+    ann = os.path.join(DATA, "mini_lvis", "lvis_v1_mini_train.json")
+    with open(ann) as f:
+        raw = json.load(f)
+    small = dict(scales=(256, 288, 320), max_size=533, crop_scales=(250, 300), crop_size=(200, 300))
+    lvis = data.build_lvis(ann, os.path.join(DATA, "mini_lvis", "images"), True, **small)
+    C = len(raw["categories"])
+    first = min(raw["categories"], key=lambda c: c["id"])
+    assert len(lvis.class_names) == C == 1203 and lvis.class_names[0] == first["name"]
+    assert lvis.frequency[0] == first["frequency"] and lvis.class_image_counts[0] == first["image_count"]
+    assert len(lvis) == len(raw["images"])
+    inet = data.InetLvisMosaic(os.path.join(DATA, "inet_lvis_mini"), lvis.cat_ids, lvis.transform, canvas=512)
+    torch.manual_seed(0)
+    sampler = data.RepeatFactorSampler(lvis.image_classes(), seed=0, rank=0, world_size=1)
+    mixed = data.MixedLoader(data.train_loader(lvis, sampler, 2, num_workers=2),
+                             data.train_loader(inet, data.extra_sampler(inet, 0, 0, 1), 2, num_workers=1))
+    mixed.set_epoch(0)
+    assert len(mixed) == 2 * (len(sampler) // 2)
+    seen = []
+    for step, (images, mask, targets, source) in zip(range(6), mixed):
+        seen.append(source)
+        B, _, H, W = images.shape
+        assert B == 2 and H % 32 == 0 and W % 32 == 0 and mask.shape == (B, H, W) and mask.dtype == torch.bool
+        for k, t in enumerate(targets):
+            h, w = t["size"].tolist()
+            assert not mask[k, :h, :w].any() and mask[k, h:].all() and mask[k, :, w:].all()
+            assert images[k, :, h:].abs().sum() == 0 and images[k, :, :, w:].abs().sum() == 0
+            lab = t["labels"]
+            assert lab.dtype == torch.int64 and ((lab >= 0) & (lab < C)).all()
+            assert t["boxes"].dtype == torch.float32 and len(t["boxes"]) == len(lab)
+            assert ((t["boxes"] >= 0) & (t["boxes"] <= 1 + 1e-6)).all() and (t["boxes"][:, 2:] > 0).all()
+            if source == "extra":
+                assert len(lab) == 4 and (h, w) == (512, 512)
+            else:
+                assert min(h, w) in small["scales"] or max(h, w) == small["max_size"]
+    assert seen == ["lvis", "extra"] * 3
+    val = data.build_lvis(os.path.join(DATA, "mini_lvis", "lvis_v1_mini_val.json"),
+                          os.path.join(DATA, "mini_lvis", "images"), False)
+    image, t = val[0]
+    assert min(image.shape[1:]) == 800 or max(image.shape[1:]) == 1333
+    assert len(t["boxes"]) > 0 and t["replaced"] == 0
