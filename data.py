@@ -232,7 +232,7 @@ class LvisDetection(Dataset):
         jw, jh = self.sizes[idx]
         if (img.width, img.height) != (jw, jh):  # a re-encoded copy: boxes live in the json's (width, height) frame
             boxes = boxes * torch.tensor([img.width / jw, img.height / jh] * 2)
-        orig_size = torch.tensor([img.height, img.width])
+        orig_size = torch.tensor([jh, jw])  # predictions are scored against the json's frame
         img, boxes, labels = self.transform(img, boxes, labels)
         image, boxes = to_normalised(img, boxes)
         return image, {"boxes": boxes, "labels": labels, "size": torch.tensor(image.shape[1:]),

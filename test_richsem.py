@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ from torch.utils.data import Dataset, DistributedSampler
 
 import clip_teacher
 import data
+import evaluate
 import model
 import msda
 from clip_teacher import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PROMPT_TEMPLATES, ClipTeacher,
                           boxes_from_targets, hard_labels_from_teacher, load_wnid_to_class, map_to_nearest_class)
+from evaluate import lvis_evaluate, map_official_state_dict, official_key
 from losses import (HungarianMatcher, SetCriterion, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
                     generalized_box_iou, sample_federated_classes, sigmoid_focal_loss, soft_kl)
 from model import MSDeformAttn, RichSem, prepare_cdn, postprocess
@@ -1472,3 +1475,313 @@ def test_mini_data_end_to_end():
     image, t = val[0]
     assert min(image.shape[1:]) == 800 or max(image.shape[1:]) == 1333
     assert len(t["boxes"]) > 0 and t["replaced"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py: LVIS metrics, sharded evaluation, checkpoints
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'reference')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py: LVISEval under the federated rules
+
+FREQ = {1: 'r', 2: 'c', 3: 'f', 4: 'f', 5: 'c', 6: 'r'}
+# image id -> (neg_category_ids, not_exhaustive_category_ids, [(category, bbox xywh)]); 200 x 160 images.
+# Classes with boxes: 1 (rare), 2 (common), 3 and 4 (frequent); areas small (< 32^2), medium and large (> 96^2).
+WORLD = {
+    10: ([2], [3], [(1, [10, 10, 120, 100]), (3, [150, 20, 20, 20])]),
+    20: ([1], [], [(2, [20, 30, 100, 60]), (3, [130, 100, 50, 40]), (4, [5, 5, 25, 25])]),
+    30: ([4], [], [(3, [40, 40, 120, 90])]),
+}
+
+
+def _write_lvis(path, world, freq, sizes=None):
+    """A LVIS v1-format json: images (sizes {id: (w, h)}, default 200 x 160) with neg / not-exhaustive lists,
+    categories with frequency, box annotations."""
+    images, anns = [], []
+    for img_id, (neg, not_exhaustive, boxes) in world.items():
+        w, h = (sizes or {}).get(img_id, (200, 160))
+        images.append({'id': img_id, 'file_name': f'{img_id}.png', 'width': w, 'height': h,
+                       'neg_category_ids': neg, 'not_exhaustive_category_ids': not_exhaustive})
+        for cat, (x, y, w, h) in boxes:
+            anns.append({'id': len(anns) + 1, 'image_id': img_id, 'category_id': cat, 'bbox': [x, y, w, h],
+                         'area': w * h, 'segmentation': [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    cats = [{'id': c, 'name': f'thing_{c}', 'frequency': f, 'image_count': 1, 'instance_count': 1,
+             'synset': f'thing.n.0{c}', 'synonyms': [f'thing_{c}'], 'def': '-'} for c, f in freq.items()]
+    with open(path, 'w') as f:
+        json.dump({'images': images, 'annotations': anns, 'categories': cats}, f)
+    return str(path)
+
+
+def _gt_as_predictions(world, score=0.5):
+    return [{'image_id': i, 'category_id': c, 'bbox': list(map(float, b)), 'score': score}
+            for i, (_, _, boxes) in world.items() for c, b in boxes]
+
+
+@pytest.fixture(scope='module')
+def generated_lvis(tmp_path_factory):
+    return _write_lvis(tmp_path_factory.mktemp('lvis') / 'val.json', WORLD, FREQ)
+
+
+def _without(results, image_id, category_id):
+    return [r for r in results if (r['image_id'], r['category_id']) != (image_id, category_id)]
+
+
+def test_lvis_eval_perfect_dropped_shifted(generated_lvis):
+    """Hand-computed (101-point AP averaged over IoU 0.5:0.95, then over the 4 classes that have boxes):
+    GT as predictions -> 1 everywhere; class 1's only box dropped -> its AP 0, AP 3/4; class 2's box (w = 100) shifted
+    by 27 px -> IoU 73/127 = 0.575 passes 2 of the 10 thresholds -> its AP 0.2, AP (3 + 0.2) / 4 = 0.8, AP50 1."""
+    perfect = _gt_as_predictions(WORLD)
+    m = lvis_evaluate(generated_lvis, perfect)
+    assert all(m[k] == pytest.approx(1.0) for k in evaluate.METRICS), m
+    assert perfect == _gt_as_predictions(WORLD)  # the caller's list is not modified
+
+    m = lvis_evaluate(generated_lvis, _without(perfect, 10, 1))
+    assert m['AP'] == pytest.approx(0.75) and m['APr'] == pytest.approx(0.0) and m['APf'] == pytest.approx(1.0)
+
+    shifted = _without(perfect, 20, 2) + [{'image_id': 20, 'category_id': 2, 'bbox': [47.0, 30.0, 100.0, 60.0],
+                                           'score': 0.5}]
+    iou = (100 - 27) / (100 + 27)
+    expected_class_ap = sum(iou >= t for t in np.linspace(0.5, 0.95, 10)) / 10
+    assert expected_class_ap == pytest.approx(0.2)
+    m = lvis_evaluate(generated_lvis, shifted)
+    assert m['AP'] == pytest.approx((3 + expected_class_ap) / 4)
+    assert m['APc'] == pytest.approx(expected_class_ap) and m['AP50'] == pytest.approx(1.0)
+
+
+def test_lvis_eval_negative_and_not_exhaustive_false_positives(generated_lvis):
+    """A false positive (score 0.9 above the true 0.5) of class 2 in image 10, where class 2 is verified absent,
+    ranks first among class 2's detections: precision 1/2 at every recall -> class AP 0.5, AP 0.875.
+    Class 3 is not exhaustively annotated in image 10: an unmatched class-3 box there is ignored (AP stays 1);
+    the same box in image 30 (exhaustive) costs class 3 precision 3/4 -> AP 0.9375.
+    A detection of a class neither present nor verified absent is not evaluated at all."""
+    perfect = _gt_as_predictions(WORLD)
+    neg_fp = {'image_id': 10, 'category_id': 2, 'bbox': [100.0, 100.0, 60.0, 50.0], 'score': 0.9}
+    m = lvis_evaluate(generated_lvis, perfect + [neg_fp])
+    assert m['AP'] == pytest.approx(0.875) and m['APc'] == pytest.approx(0.5)
+
+    stray = {'category_id': 3, 'bbox': [60.0, 120.0, 50.0, 30.0], 'score': 0.9}
+    m = lvis_evaluate(generated_lvis, perfect + [{**stray, 'image_id': 10}])
+    assert all(m[k] == pytest.approx(1.0) for k in evaluate.METRICS), m
+    m = lvis_evaluate(generated_lvis, perfect + [{**stray, 'image_id': 30}])
+    assert m['AP'] == pytest.approx((3 + 0.75) / 4)
+
+    unknown = {'image_id': 30, 'category_id': 5, 'bbox': [40.0, 40.0, 120.0, 90.0], 'score': 0.99}
+    m = lvis_evaluate(generated_lvis, perfect + [unknown])
+    assert all(m[k] == pytest.approx(1.0) for k in evaluate.METRICS), m
+
+
+def test_lvis_eval_empty_results_and_table(generated_lvis):
+    m = lvis_evaluate(generated_lvis, [])
+    assert set(m) == set(evaluate.METRICS) and all(v == 0.0 for v in m.values()), m
+    table = evaluate.format_metrics({**m, 'APr': math.nan, 'AP': 0.4567})
+    head, row = table.splitlines()
+    assert head.split() == list(evaluate.METRICS)
+    assert row.split()[0] == '45.7' and row.split()[6] == '-'
+
+
+@needs_data
+def test_lvis_eval_mini_lvis_ground_truth_scores_one():
+    """Real LVIS val annotations (4 images, 13 boxes): GT as predictions -> 1 for every metric whose group has boxes;
+    the others (here no rare class; the area groups as the json says) are undefined (NaN)."""
+    path = os.path.join(DATA, 'mini_lvis', 'lvis_v1_mini_val.json')
+    with open(path) as f:
+        gt = json.load(f)
+    preds = [{'image_id': a['image_id'], 'category_id': a['category_id'], 'bbox': a['bbox'], 'score': 1.0}
+             for a in gt['annotations']]
+    freq = {c['id']: c['frequency'] for c in gt['categories']}
+    present = {freq[a['category_id']] for a in gt['annotations']}
+    areas = [a['area'] for a in gt['annotations']]
+    defined = {'AP': True, 'AP50': True, 'AP75': True, 'APr': 'r' in present, 'APc': 'c' in present,
+               'APf': 'f' in present, 'APs': any(a <= 32 ** 2 for a in areas),
+               'APm': any(32 ** 2 <= a <= 96 ** 2 for a in areas), 'APl': any(a >= 96 ** 2 for a in areas)}
+    m = lvis_evaluate(path, preds)
+    for k in evaluate.METRICS:
+        assert (m[k] == pytest.approx(1.0)) if defined[k] else math.isnan(m[k]), (k, m[k])
+    assert not defined['APr'] and defined['APc'] and defined['APf']  # the README's description of the subset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py: inference sharded over ranks
+
+TINY = dict(backbone='r18', d_model=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10,
+            num_points=2, num_levels=2)
+TINY_FREQ = {1: 'f', 2: 'c', 3: 'r'}
+
+
+def _tiny_model(semantic_branch=False, seed=0):
+    torch.manual_seed(seed)
+    return RichSem(torch.randn(len(TINY_FREQ), 16), backbone_weights=None, semantic_branch=semantic_branch, **TINY)
+
+
+def _write_images(root, sizes):
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f'{i + 1}.png')
+
+
+def test_evaluate_two_ranks_equals_one_rank(tmp_path):
+    """5 images of different sizes, a tiny random model. The ground truth is made from the model's own top boxes
+    (plus a box it does not find) so that 0 < AP < 1. Ranks 1 then 0 of a world of 2 (no process group: rank 0
+    merges the files) must give the very results.json and metrics of one rank."""
+    sizes = [(64, 48), (80, 64), (48, 72), (96, 64), (64, 64)]
+    _write_images(tmp_path, sizes)
+    size_of = {i + 1: s for i, s in enumerate(sizes)}
+    world = {i: ([], [], [(1, [0, 0, 8, 8])]) for i in size_of}
+    ann = _write_lvis(tmp_path / 'first.json', world, TINY_FREQ, size_of)
+    model = _tiny_model()
+    dataset = data.build_lvis(ann, str(tmp_path), train=False, eval_size=48, max_size=96)
+    preds = evaluate.predict(model, data.eval_loader(dataset, 1, 0, 0, 1), 'cpu')
+    assert len(preds) == len(sizes) * min(evaluate.MAX_DETS, TINY['num_queries'] * len(TINY_FREQ))
+
+    top = {}
+    for p in preds:  # each image's first detection is its best
+        top.setdefault(p['image_id'], p)
+    world = {i: ([], [], [(top[i]['category_id'], top[i]['bbox'])] + ([(2, [1, 1, 5, 5])] if i == 1 else []))
+             for i in world}
+    ann = _write_lvis(tmp_path / 'val.json', world, TINY_FREQ, size_of)
+    dataset = data.build_lvis(ann, str(tmp_path), train=False, eval_size=48, max_size=96)
+
+    assert evaluate.evaluate(model, dataset, 'cpu', rank=1, world_size=2, out_dir=tmp_path / 'two',
+                             num_workers=0) is None
+    two = evaluate.evaluate(model, dataset, 'cpu', rank=0, world_size=2, out_dir=tmp_path / 'two', num_workers=0)
+    one = evaluate.evaluate(model, dataset, 'cpu', num_workers=0)  # one process, in memory
+    assert 0 < one['AP'] < 1, one
+    assert json.dumps(one) == json.dumps(two)  # exact, NaN included
+    with open(tmp_path / 'two' / 'results.json') as f:
+        assert json.load(f) == preds
+    with open(tmp_path / 'two' / 'metrics.json') as f:
+        assert json.dumps(json.load(f)) == json.dumps(two)
+    assert sorted(os.listdir(tmp_path / 'two')) == ['metrics.json', 'results.json']
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py: checkpoints and the official key mapping
+
+def official_name(key):
+    """Our key -> the official RichSem name, written from official-richsem-code.md Sec. 7 and DINO's decoder layer
+    (cross_attn -> norm1, self_attn -> norm2, FFN -> norm3): an independent inverse of OFFICIAL_KEY_RULES."""
+    prefixes = [('backbone.body.', 'backbone.0.body.'), ('level_embed', 'transformer.level_embed'),
+                ('decoder_norm.', 'transformer.decoder.norm.'),
+                ('ref_point_head.', 'transformer.decoder.ref_point_head.'),
+                ('tgt_embed.', 'transformer.tgt_embed.'), ('enc_output.', 'transformer.enc_output.'),
+                ('enc_output_norm.', 'transformer.enc_output_norm.'),
+                ('enc_bbox_head.', 'transformer.enc_out_bbox_embed.'),
+                ('enc_class_head.proj.', 'transformer.enc_out_class_embed.dino_visual_proj.'),
+                ('class_head.proj.', 'class_embed.dino_visual_proj.'),
+                ('semantic_branch.proj.', 'class_embed.clip_visual_proj.'), ('label_proj.', 'class_embed.label_proj.'),
+                ('bbox_head.', 'bbox_embed.0.'), ('input_proj.', 'input_proj.')]
+    m = re.fullmatch(r'encoder\.(\d+)\.(.*)', key)
+    if m:
+        return f'transformer.encoder.layers.{m[1]}.{m[2]}'
+    m = re.fullmatch(r'decoder\.(\d+)\.(.*)', key)
+    if m:
+        rest = {'norm1.': 'norm2.', 'norm2.': 'norm1.'}.get(m[2][:6], m[2][:6]) + m[2][6:]
+        return f'transformer.decoder.layers.{m[1]}.{rest}'
+    for ours, theirs in prefixes:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    raise AssertionError(key)
+
+
+def test_official_mapping_round_trip_tiny():
+    """An official-style state dict (official names, tiny shapes) plus what the official model carries on top (CLIP
+    copies, logit scales, the box MLP under 12 names) maps back onto every key of our model, tensor for tensor."""
+    ours = _tiny_model(semantic_branch=True)
+    state = {k: v for k, v in ours.state_dict().items() if k != 'text_embed'}
+    official = {official_name(k): v for k, v in state.items()}
+    assert official['transformer.decoder.layers.0.norm1.weight'] is state['decoder.0.norm2.weight']
+    head = {k: v for k, v in official.items() if k.startswith('bbox_embed.0.')}
+    for i in range(6):
+        official.update({k.replace('bbox_embed.0.', f'transformer.decoder.bbox_embed.{i}.'): v
+                         for k, v in head.items()})
+        official.update({k.replace('bbox_embed.0.', f'bbox_embed.{i}.'): v for k, v in head.items()})
+    extras = ['class_embed.clip.visual.conv1.weight', 'class_embed.clip.logit_scale', 'class_embed.logit_scale',
+              'transformer.enc_out_class_embed.clip.token_embedding.weight',
+              'transformer.enc_out_class_embed.logit_scale']
+    official.update({k: torch.zeros(1) for k in extras})
+
+    mapped, dropped = map_official_state_dict(official)
+    assert set(mapped) == set(state)
+    assert all(mapped[k] is state[k] for k in state)
+    assert set(dropped) == set(extras) | {k for k in official if re.match(r'(transformer\.decoder\.)?bbox_embed\.', k)
+                                          and not k.startswith('bbox_embed.0.')}
+    fresh = _tiny_model(semantic_branch=True, seed=1)
+    fresh.load_state_dict({**mapped, 'text_embed': ours.text_embed}, strict=True)
+    # DINO-only keys are dropped on purpose, unknown ones refused
+    for key in ['class_embed.3.weight', 'transformer.decoder.class_embed.0.bias', 'label_enc.weight',
+                'transformer.enc_out_class_embed.bias']:
+        assert official_key(key) is None
+    with pytest.raises(KeyError):
+        official_key('transformer.decoder.query_scale.layers.0.weight')
+
+
+def test_official_state_dict_file_maps_onto_full_model():
+    """Every key of the real official R50 RichSem state dict (official-richsem-state-dict.txt) is mapped or dropped,
+    and the mapped ones are exactly our R50 default model's keys with the same shapes (text_embed aside)."""
+    path = os.path.join(REFERENCE, 'official-richsem-state-dict.txt')
+    if not os.path.isfile(path):
+        pytest.skip('../shared/reference/official-richsem-state-dict.txt is absent')
+    shapes = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip() and not line.startswith('#'):
+                key, shape, _ = line.rstrip('\n').split('\t')
+                shapes[key] = tuple(int(s) for s in shape.split('x')) if shape != '()' else ()
+    mapped = {}
+    for key, shape in shapes.items():
+        ours = official_key(key)
+        if ours is not None:
+            assert ours not in mapped, ours
+            mapped[ours] = shape
+    with torch.device('meta'):  # shapes only: no memory, no init cost
+        full = RichSem(torch.zeros(1203, 1024), backbone='r50', backbone_weights=None)
+    expected = {k: tuple(v.shape) for k, v in full.state_dict().items() if k != 'text_embed'}
+    assert mapped == expected
+    dropped = len(shapes) - len(mapped)
+    assert dropped == 2 * 489 + 2 + 5 * 6 + 6 * 6  # two CLIPs, two logit scales, the box MLP's 11 extra names
+
+
+def test_checkpoint_and_drawing_cli(tmp_path):
+    """A train.py-style checkpoint (semantic branch included, extra args) loads into the inference model; the --image
+    path writes a PNG of the original size with the boxes drawn on it."""
+    trained = _tiny_model(semantic_branch=True, seed=3)
+    names = ['cup', 'dog', 'kite']
+    torch.save({'model': trained.state_dict(), 'args': {**TINY, 'lr': 1e-4, 'dataset': 'toy'}, 'class_names': names},
+               tmp_path / 'checkpoint.pth')
+    loaded, loaded_names = evaluate.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert loaded_names == names and loaded.semantic_branch is None
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, trained.state_dict()[k]), k
+
+    _write_images(tmp_path, [(90, 60)])
+    evaluate.main(['--ckpt', str(tmp_path / 'checkpoint.pth'), '--image', str(tmp_path / '1.png'),
+                   '--out', str(tmp_path / 'out.png'), '--score', '0', '--topk', '5', '--eval_size', '64'])
+    drawn = np.array(Image.open(tmp_path / 'out.png'))
+    assert drawn.shape == (60, 90, 3)
+    assert (drawn != np.array(Image.open(tmp_path / '1.png'))).any()
+
+
+@needs_data
+def test_cli_evaluates_mini_lvis(tmp_path):
+    """The evaluation command on the real mini LVIS val split, tiny random model over the 1203 classes: it writes
+    results.json and metrics.json and returns every metric; a checkpoint of other classes is refused."""
+    ann = os.path.join(DATA, 'mini_lvis', 'lvis_v1_mini_val.json')
+    names = evaluate.class_names_from_json(ann)
+    torch.manual_seed(0)
+    net = RichSem(torch.randn(len(names), 16), backbone_weights=None, semantic_branch=False, **TINY)
+    torch.save({'model': net.state_dict(), 'args': TINY, 'class_names': names}, tmp_path / 'checkpoint.pth')
+    argv = ['--ckpt', str(tmp_path / 'checkpoint.pth'), '--ann_file', ann, '--image_root',
+            os.path.join(DATA, 'mini_lvis', 'images'), '--eval_size', '64', '--num_workers', '0']
+    metrics = evaluate.main(argv)
+    assert set(metrics) == set(evaluate.METRICS) and math.isnan(metrics['APr'])
+    assert sorted(os.listdir(tmp_path / 'eval')) == ['metrics.json', 'results.json']
+    with open(tmp_path / 'eval' / 'results.json') as f:
+        results = json.load(f)
+    assert {r['image_id'] for r in results} == {11813, 223747, 346638, 359937}
+    assert all(1 <= r['category_id'] <= 1203 for r in results)
+
+    torch.save({'model': net.state_dict(), 'args': TINY, 'class_names': names[::-1]}, tmp_path / 'checkpoint.pth')
+    with pytest.raises(ValueError, match='other classes'):
+        evaluate.main(argv)
