@@ -113,6 +113,22 @@ __device__ __forceinline__ Bilinear<acc_t> locate(acc_t x, acc_t y, int H, int W
   return b;
 }
 
+// Which (n, q, m) a warp works on. Heads vary fastest: the 8 warps of a block are the heads of one query.
+struct WarpTask {
+  int64_t n, q, qm;  // qm = (n * Lq + q) * M + m indexes locations, weights and their gradients
+  int m;
+};
+
+__device__ __forceinline__ WarpTask warp_task(int64_t warp, int64_t Lq, int M) {
+  WarpTask t;
+  t.m = static_cast<int>(warp % M);
+  const int64_t nq = warp / M;
+  t.n = nq / Lq;
+  t.q = nq % Lq;
+  t.qm = warp;
+  return t;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t shfl_xor(acc_t v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 
@@ -128,13 +144,12 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (warp >= N * Lq * M) return;
   const int lane = threadIdx.x % 32, group = lane / LPP, lig = lane % LPP;
-  const int m = warp % M;
-  const int64_t nq = warp / M, n = nq / Lq;
+  const WarpTask t = warp_task(warp, Lq, M);
   const int LP = L * P;
   const int chunks = (D + VEC - 1) / VEC;
-  const acc_t* loc_w = loc + warp * LP * 2;
-  const acc_t* attn_w = attn + warp * LP;
-  const scalar_t* value_nm = value + (n * S * M + m) * D;  // value[n, 0, m, 0]; token s is at + s * M * D
+  const acc_t* loc_w = loc + t.qm * LP * 2;
+  const acc_t* attn_w = attn + t.qm * LP;
+  const scalar_t* value_nm = value + (t.n * S * M + t.m) * D;  // value[n, 0, m, 0]; token s is at + s * M * D
 
   for (int k = lig; k < chunks; k += LPP) {  // one iteration per lane unless D / VEC > 32 (or the generic path)
     acc_t acc[VEC] = {};
@@ -163,7 +178,7 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
 #pragma unroll
       for (int i = 0; i < VEC; ++i) acc[i] += shfl_xor(acc[i], off);
     if (group == 0) {
-      scalar_t* o = out + nq * M * D + m * D + k * VEC;
+      scalar_t* o = out + t.qm * D + k * VEC;
       store_vec<scalar_t, VEC>(o, acc);
     }
   }
@@ -184,14 +199,13 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (warp >= N * Lq * M) return;
   const int lane = threadIdx.x % 32, group = lane / LPP, lig = lane % LPP;
-  const int m = warp % M;
-  const int64_t nq = warp / M, n = nq / Lq;
+  const WarpTask t = warp_task(warp, Lq, M);
   const int LP = L * P;
   const int chunks = (D + VEC - 1) / VEC;
-  const acc_t* loc_w = loc + warp * LP * 2;
-  const acc_t* attn_w = attn + warp * LP;
-  const int64_t value_nm = (n * S * M + m) * D;
-  const scalar_t* g_w = grad_out + nq * M * D + m * D;
+  const acc_t* loc_w = loc + t.qm * LP * 2;
+  const acc_t* attn_w = attn + t.qm * LP;
+  const int64_t value_nm = (t.n * S * M + t.m) * D;
+  const scalar_t* g_w = grad_out + t.qm * D;
 
   // Every lane runs the same number of iterations (p may be past the end: it then contributes zeros), because
   // the group reductions below shuffle across the whole warp.
@@ -231,7 +245,12 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
         for (int i = 0; i < VEC / AW; ++i) {
           const int64_t ch = round + (i * LPP + lig) * AW;
           acc_t ga[AW];
-          load_vec<scalar_t, AW>(g_w + ch, ga);
+          if constexpr (AW == VEC) {  // the two layouts coincide (fp32, fp64): no second load
+#pragma unroll
+            for (int j = 0; j < AW; ++j) ga[j] = g[j];
+          } else {
+            load_vec<scalar_t, AW>(g_w + ch, ga);
+          }
 #pragma unroll
           for (int c = 0; c < 4; ++c)
             if (b.valid[c]) atomic_add_vec<AW>(grad_value + base + b.off[c] * M * D + ch, ga, a * b.w[c]);
@@ -245,9 +264,9 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
       d_h += shfl_xor(d_h, off);
     }
     if (active && lig == 0) {  // this warp owns the point: plain stores, and every point is written
-      grad_attn[warp * LP + p] = d_attn;
-      grad_loc[(warp * LP + p) * 2] = W * a * d_w;
-      grad_loc[(warp * LP + p) * 2 + 1] = H * a * d_h;
+      grad_attn[t.qm * LP + p] = d_attn;
+      grad_loc[(t.qm * LP + p) * 2] = W * a * d_w;
+      grad_loc[(t.qm * LP + p) * 2 + 1] = H * a * d_h;
     }
   }
 }
