@@ -10,6 +10,9 @@ import math
 import os
 import random
 import re
+import socket
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+import torch.multiprocessing as mp
 from torch.utils.data import Dataset, DistributedSampler
 
 import clip_teacher
@@ -24,6 +28,7 @@ import data
 import evaluate
 import model
 import msda
+import train
 from clip_teacher import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PROMPT_TEMPLATES, ClipTeacher,
                           boxes_from_targets, hard_labels_from_teacher, load_wnid_to_class, map_to_nearest_class)
 from evaluate import lvis_evaluate, map_official_state_dict, official_key
@@ -1785,3 +1790,276 @@ def test_cli_evaluates_mini_lvis(tmp_path):
     torch.save({'model': net.state_dict(), 'args': TINY, 'class_names': names[::-1]}, tmp_path / 'checkpoint.pth')
     with pytest.raises(ValueError, match='other classes'):
         evaluate.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: resume, NaN stop, two ranks, toy defaults
+
+TRAIN_TEXT_CFG = dict(context_length=20, vocab_size=49408, width=32, heads=2, layers=1)
+TEACHER_CFG = dict(embed_dim=32, text_cfg=TRAIN_TEXT_CFG,
+                   vision_cfg=dict(image_size=64, layers=[1, 1, 1, 1], width=8, patch_size=None))
+COLOURS = {1: (220, 30, 30), 2: (30, 200, 40), 3: (40, 40, 220)}
+# (category, x, y, w, h) per image; with batch 2 an epoch is 1 LVIS + 1 mosaic step
+TRAIN = [[(1, 4, 6, 30, 20), (2, 40, 30, 20, 28)], [(3, 10, 10, 40, 40), (2, 0, 44, 64, 20)]]
+VAL = [[(1, 8, 8, 24, 24)], [(2, 30, 10, 30, 40), (3, 2, 40, 20, 20)]]
+
+
+def draw(path, boxes, size=(64, 64)):
+    img = Image.new('RGB', size, (128, 128, 128))
+    for cat, x, y, w, h in boxes:
+        img.paste(COLOURS[cat], (x, y, x + w, y + h))
+    img.save(path)
+
+
+def write_split(root, name, split):
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    images, anns = [], []
+    for i, boxes in enumerate(split):
+        draw(os.path.join(root, name, f'{i}.png'), boxes)
+        present = {b[0] for b in boxes}  # exhaustively annotated: every absent class is a verified negative
+        images.append({'id': i + 1, 'file_name': f'{name}/{i}.png', 'width': 64, 'height': 64,
+                       'neg_category_ids': sorted(set(COLOURS) - present), 'not_exhaustive_category_ids': []})
+        anns += [{'id': len(anns) + 1, 'image_id': i + 1, 'category_id': c, 'bbox': [x, y, w, h], 'area': w * h}
+                 for c, x, y, w, h in boxes]
+    counts = {c: sum(any(b[0] == c for b in boxes) for boxes in split) for c in COLOURS}
+    cats = [{'id': c, 'name': n, 'image_count': counts[c], 'frequency': f}
+            for c, n, f in [(1, 'red_box', 'r'), (2, 'green_box', 'c'), (3, 'blue_box', 'f')]]
+    with open(os.path.join(root, f'lvis_v1_{name}.json'), 'w') as f:
+        json.dump({'images': images, 'annotations': anns, 'categories': cats}, f)
+
+
+def make_world(root):
+    """LVIS layout under root, INet-LVIS under root/extra, a tiny teacher checkpoint at root/teacher.pt."""
+    write_split(root, 'train', TRAIN)
+    write_split(root, 'val', VAL)
+    images = []
+    for k, cat in enumerate([1, 2, 3, 1]):
+        folder = os.path.join(root, 'extra', 'images', f'n{cat:08d}')
+        os.makedirs(folder, exist_ok=True)
+        draw(os.path.join(folder, f'{k}.png'), [(cat, 8, 8, 32, 24)], size=(48, 40))
+        images.append({'id': 100 + k, 'file_name': f'n{cat:08d}/{k}.png', 'pos_category_ids': [cat],
+                       'width': 48, 'height': 40})
+    with open(os.path.join(root, 'extra', 'imagenet_lvis_image_info.json'), 'w') as f:
+        json.dump({'categories': [], 'images': images, 'annotations': []}, f)
+    torch.manual_seed(0)
+    teacher = ClipTeacher('RN50', pretrained=None, cache_dir=os.path.join(root, 'cache'), model_cfg=TEACHER_CFG)
+    torch.save(teacher.model.state_dict(), os.path.join(root, 'teacher.pt'))
+    return str(root)
+
+
+def patch_teacher(root):
+    """train.py builds the real RN50 for --dataset lvis; here the tiny one stands in for it."""
+    def tiny(name, pretrained, model_cfg):
+        return ClipTeacher(name, pretrained=os.path.join(root, 'teacher.pt'), cache_dir=os.path.join(root, 'cache'),
+                           model_cfg=TEACHER_CFG)
+    train.ClipTeacher = tiny
+
+
+def argv(root, out, *extra):
+    return ['--dataset', 'lvis', '--data_path', root, '--extra_path', os.path.join(root, 'extra'), '--out_dir', out,
+            '--device', 'cpu', '--backbone', 'r18', '--backbone_weights', 'none', '--d_model', '64',
+            '--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '2', '--num_queries', '20',
+            '--dn_number', '6', '--image_scale', '0.08', '--batch_size', '2', '--num_workers', '0', '--eval_every', '0',
+            '--log_every', '1', '--epochs', '3', '--lr_drop', '1', '--lr', '1e-3', *extra]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def read_log(out):
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_tree(a, b, path=''):
+    """Exact equality of nested dicts / lists of tensors and numbers."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tree(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f'{path}[{i}]')
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    root = make_world(tmp_path_factory.mktemp('world'))
+    saved = train.ClipTeacher
+    patch_teacher(root)
+    yield root
+    train.ClipTeacher = saved
+
+
+@pytest.fixture(scope='module')
+def run_a(world, tmp_path_factory):
+    """3 uninterrupted steps: epoch 0 (a LVIS and a mosaic batch), then 1 step of epoch 1 at the dropped lr."""
+    out = str(tmp_path_factory.mktemp('run_a'))
+    train.main(argv(world, out, '--max_iters', '3'))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_args_toy_defaults_and_conflicts():
+    args = train.get_args(['--dataset', 'toy', '--d_model', '64'])
+    assert args.backbone == 'r18' and args.backbone_weights == 'none' and args.data_path == 'data/toy'
+    assert args.d_model == 64 and args.lr == 1e-4  # explicit wins; untouched settings keep the paper's
+    paper = train.get_args([])
+    assert (paper.lr, paper.lr_backbone, paper.weight_decay, paper.clip_max_norm, paper.epochs, paper.lr_drop,
+            paper.batch_size, paper.lambda_soft, paper.clip_model, paper.backbone, paper.num_queries) == \
+        (1e-4, 1e-5, 1e-4, 0.1, 12, 11, 2, 0.5, 'RN50', 'r50', 900)
+    with pytest.raises(SystemExit):
+        train.get_args(['--unlabeled_extra', '--no_extra'])
+
+
+def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
+    a = load(os.path.join(run_a, 'checkpoint.pth'))
+    assert (a['epoch'], a['step'], a['iteration']) == (1, 1, 3)
+    e0 = load(os.path.join(run_a, 'checkpoint_e00.pth'))
+    assert (e0['epoch'], e0['step'], e0['iteration']) == (1, 0, 2)
+    log = read_log(run_a)
+    assert [r['iter'] for r in log] == [1, 2, 3]
+    assert [r['source'] for r in log] == ['lvis', 'extra', 'lvis']
+    assert [r['lr'] for r in log] == [1e-3, 1e-3, pytest.approx(1e-4)]
+    assert all('loss_soft' in r and 'loss_ce' in r for r in log)
+    with open(os.path.join(run_a, 'config.json')) as f:
+        assert json.load(f)['d_model'] == 64
+
+    # interrupted after 1 step (mid epoch 0), then resumed to 3
+    out = str(tmp_path)
+    train.main(argv(world, out, '--max_iters', '1'))
+    b1 = load(os.path.join(out, 'checkpoint.pth'))
+    assert (b1['epoch'], b1['step'], b1['iteration']) == (0, 1, 1)
+    assert all(s['step'] == 1 for s in b1['optimizer']['state'].values())
+    model = train.main(argv(world, out, '--max_iters', '3', '--resume', 'auto'))
+    assert [r['iter'] for r in read_log(out)] == [1, 2, 3]
+    assert [r['source'] for r in read_log(out)] == ['lvis', 'extra', 'lvis']
+    b = load(os.path.join(out, 'checkpoint.pth'))
+    assert (b['epoch'], b['step'], b['iteration']) == (1, 1, 3)
+    # same data, same RNG draws, same optimizer and scheduler state: bit-identical to the uninterrupted run
+    assert_same_tree(b['optimizer'], a['optimizer'])
+    assert_same_tree(b['model'], a['model'])
+    assert_same_tree(b['scheduler'], a['scheduler'])
+    assert_same_tree(model.state_dict(), a['model'])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, monkeypatch):
+    forward, calls = SetCriterion.forward, [0]
+
+    def poisoned(self, outputs, targets):
+        losses = forward(self, outputs, targets)
+        calls[0] += 1
+        if calls[0] == 3:
+            losses['loss_bbox'] = losses['loss_bbox'] * float('nan')
+        return losses
+
+    monkeypatch.setattr(SetCriterion, 'forward', poisoned)
+    out = str(tmp_path)
+    with pytest.raises(SystemExit, match=r'non-finite loss at iteration 3 \(epoch 1.*loss_bbox=nan'):
+        train.main(argv(world, out, '--max_iters', '4'))
+    assert [r['iter'] for r in read_log(out)] == [1, 2]
+    assert not any(name.endswith('.tmp') for name in os.listdir(out))
+    last = load(os.path.join(out, 'checkpoint.pth'))
+    assert (last['epoch'], last['step'], last['iteration']) == (1, 0, 2)
+    assert_same_tree(last['model'], load(os.path.join(out, 'checkpoint_e00.pth'))['model'])
+    assert_same_tree(last['model'], load(os.path.join(run_a, 'checkpoint_e00.pth'))['model'])
+    assert all(torch.isfinite(v).all() for v in last['model'].values() if v.is_floating_point())
+
+
+def _ddp_worker(rank, world_size, port, root, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    patch_teacher(root)
+    # 1 LVIS image per rank; evaluation after epoch 0 and at the stop, over both ranks
+    model = train.main(argv(root, out, '--max_iters', '3', '--batch_size', '1', '--eval_every', '1'))
+    torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path)
+    mp.spawn(_ddp_worker, args=(2, port, world, out), nprocs=2, join=True)
+    w0, w1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in range(2))
+    assert_same_tree(w0, w1)
+    ckpt = load(os.path.join(out, 'checkpoint.pth'))
+    assert ckpt['iteration'] == 3 and len(ckpt['rng']) == 2
+    # the ranks drew different augmentations (their own seeds): without the gradient all-reduce they would differ
+    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
+    log = read_log(out)
+    assert [r['iter'] for r in log if 'loss' in r] == [1, 2, 3]
+    evals = [r for r in log if 'eval' in r]
+    assert [r['iter'] for r in evals] == [2, 3]
+    # the 2-rank evaluation inside training = one process evaluating the final checkpoint on its own
+    model, _ = evaluate.load_checkpoint(os.path.join(out, 'checkpoint.pth'))
+    val = data.build_lvis(os.path.join(world, 'lvis_v1_val.json'), world, False, max_size=107, eval_size=64)
+    alone = evaluate.evaluate(model, val, 'cpu', rank=0, world_size=1, num_workers=0)
+    assert set(alone) == set(evaluate.METRICS)
+    for k, v in alone.items():
+        assert v == pytest.approx(evals[-1]['eval'][k], nan_ok=True), k
+
+
+def test_toy_dataset_path_and_baseline_flags(world, tmp_path, monkeypatch):
+    calls = []
+
+    def make_toy_world(root, seed=0, device=None):
+        calls.append((root, device))
+        return {'train_json': os.path.join(world, 'lvis_v1_train.json'),
+                'val_json': os.path.join(world, 'lvis_v1_val.json'), 'image_root': world,
+                'extra_root': os.path.join(world, 'extra'), 'teacher_ckpt': os.path.join(world, 'teacher.pt'),
+                'teacher_cfg': TEACHER_CFG}
+
+    monkeypatch.setitem(sys.modules, 'toy', types.SimpleNamespace(make_toy_world=make_toy_world))
+    # the text-embedding cache of the real ClipTeacher path: the world's (same model and names, so a hit)
+    os.makedirs(tmp_path / '.cache')
+    os.makedirs(os.path.join(world, 'cache'), exist_ok=True)
+    os.symlink(os.path.join(world, 'cache'), tmp_path / '.cache' / 'richsem')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setattr(train, 'ClipTeacher', ClipTeacher)
+    out = str(tmp_path / 'out')
+    model = train.main(['--dataset', 'toy', '--data_path', str(tmp_path / 'toy'), '--out_dir', out, '--device', 'cpu',
+                        '--d_model', '64', '--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '1',
+                        '--num_queries', '20', '--dn_number', '6', '--image_scale', '0.08', '--num_workers', '0',
+                        '--batch_size', '2',
+                        '--max_iters', '2', '--eval_every', '1', '--log_every', '1', '--no_extra',
+                        '--lambda_soft', '0'])
+    assert calls == [(str(tmp_path / 'toy'), 'cpu')]
+    with open(os.path.join(out, 'config.json')) as f:
+        config = json.load(f)
+    assert (config['backbone'], config['backbone_weights'], config['lr_backbone']) == ('r18', 'none', 1e-4)
+    assert model.semantic_branch is None and model.backbone.body.layer1[0].conv1.in_channels == 64
+    log = read_log(out)
+    assert [r['source'] for r in log if 'loss' in r] == ['lvis', 'lvis'] and not any('loss_soft' in r for r in log)
+    # an epoch is 1 step here: evaluated after epoch 0 and at the stop
+    assert [(r['iter'], set(r['eval'])) for r in log if 'eval' in r] == [(i, set(evaluate.METRICS)) for i in (1, 2)]
+    assert os.path.exists(os.path.join(out, 'eval', 'metrics.json'))
+    assert (config['d_model'], config['batch_size']) == (64, 2)  # the command line wins over the toy defaults
+
+
+def test_unlabeled_extra_gets_teacher_argmax_labels(world, tmp_path, monkeypatch):
+    seen = []
+    forward = SetCriterion.forward
+
+    def spy(self, outputs, targets):
+        seen.append([(t['labels'].clone(), t.get('teacher_logits')) for t in targets])
+        return forward(self, outputs, targets)
+
+    monkeypatch.setattr(SetCriterion, 'forward', spy)
+    train.main(argv(world, str(tmp_path), '--max_iters', '2', '--unlabeled_extra', '--pseudo_threshold', '0.5',
+                    '--lambda_soft', '0'))
+    lvis, extra = seen
+    assert all(logits is None for _, logits in lvis)  # no soft loss: the teacher only labels the extra images
+    assert all((labels >= 0).all() for labels, _ in lvis)  # LVIS keeps its labels
+    for labels, logits in extra:
+        prob = torch.softmax(logits.double(), -1)
+        want = [int(p.argmax()) if p.max() > 0.5 else -1 for p in prob]
+        assert len(labels) == 4 and labels.tolist() == want

@@ -1,0 +1,420 @@
+"""
+Train RichSem: DINO with a CLIP text-contrast classifier and a semantic branch distilled from a frozen CLIP teacher,
+on LVIS v1 with every other batch a 4-image mosaic of ImageNet-LVIS images (paper Sec. 3-4).
+
+The embedded toy world (generated on first use: long-tailed shapes, an INet-LVIS-style extra split, a toy CLIP),
+on one GPU, or on the CPU:
+    python train.py --dataset toy
+    python train.py --dataset toy --device cpu
+LVIS v1 + ImageNet-LVIS, the paper's R50 1x schedule, 8 GPUs of one node (batch 2 per GPU = 16):
+    torchrun --standalone --nproc_per_node 8 train.py --backbone r50 \
+        --data_path data/lvis --extra_path data/imagenet-lvis --out_dir out/richsem_r50
+    data/lvis:             lvis_v1_train.json, lvis_v1_val.json, train2017/, val2017/ (COCO images)
+    data/imagenet-lvis:    imagenet_lvis_image_info.json, images/ (Detic's INet-LVIS)
+Resume where the run in --out_dir stopped (same epoch, iteration, optimizer and sampler state; add the same flags):
+    torchrun --standalone --nproc_per_node 8 train.py ... --resume auto
+The paper's ablations (Table 3, R50 1x), each one flag on top of the command above:
+    --no_extra --lambda_soft 0          DINO with the text classifier, LVIS only (the baseline)
+    --no_extra                          soft semantics on LVIS only (Table 3h)
+    --lambda_soft 0                     extra data with its hard labels, no soft loss (Table 3e)
+    --unlabeled_extra                   INet-Unl: extra images without labels, teacher argmax if p > T (Eq. 7, 3c)
+    --clip_model RN50x4 | RN50x16       a stronger teacher (Table 3d)
+A smoke run: --max_iters 20 stops early, then checkpoints and evaluates as at the end of training.
+
+Writes to --out_dir: config.json (the effective settings), log.jsonl (one record per progress line and evaluation),
+checkpoint.pth (the latest) and checkpoint_eXX.pth (after each epoch).
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from clip_teacher import ClipTeacher, boxes_from_targets, hard_labels_from_teacher
+from losses import SetCriterion
+from model import RichSem
+
+# Sizes of the toy world: it is small and drawn at low resolution, and its backbone starts from scratch (no
+# downloads), so it needs fewer queries and layers, smaller images and a backbone learning as fast as the rest.
+# Applied under --dataset toy to every setting the command line does not give.
+TOY_DEFAULTS = dict(data_path='data/toy', out_dir='out/toy', backbone='r18', backbone_weights='none', lr_backbone=1e-4,
+                    d_model=128, dim_feedforward=512, enc_layers=3, dec_layers=3, num_queries=100, dn_number=50,
+                    image_scale=0.25, batch_size=4, epochs=6, lr_drop=5, num_workers=2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description='Train RichSem (defaults: the paper\'s R50 1x run with INet-LVIS)')
+    # data
+    p.add_argument('--dataset', choices=['lvis', 'toy'], default='lvis')
+    p.add_argument('--data_path', default='data/lvis', help='LVIS root (toy: where the world is generated)')
+    p.add_argument('--extra_path', default='data/imagenet-lvis', help='INet-LVIS root (Detic format)')
+    p.add_argument('--no_extra', action='store_true', help='LVIS only (no extra mosaic batches)')
+    p.add_argument('--unlabeled_extra', action='store_true', help='ignore the extra labels; Eq. 7 pseudo labels')
+    p.add_argument('--pseudo_threshold', type=float, default=0.05,
+                   help='Eq. 7: teacher argmax is the label if its softmax prob > this (official code: 0.05)')
+    p.add_argument('--image_scale', type=float, default=1.0,
+                   help='multiplies every image size of the recipe: short side 480-800, long <= 1333, crops, '
+                        'mosaic canvas 1280, eval 800')
+    p.add_argument('--num_workers', type=int, default=4, help='data loader processes per GPU and per source')
+    # model
+    p.add_argument('--backbone', choices=['r18', 'r34', 'r50', 'swin_t', 'swin_s', 'swin_b'], default='r50')
+    p.add_argument('--backbone_weights', default='default', help="'default' (torchvision ImageNet), PATH or 'none'")
+    p.add_argument('--d_model', type=int, default=256)
+    p.add_argument('--dim_feedforward', type=int, default=2048)
+    p.add_argument('--enc_layers', type=int, default=6)
+    p.add_argument('--dec_layers', type=int, default=6)
+    p.add_argument('--num_queries', type=int, default=900)
+    p.add_argument('--dn_number', type=int, default=100, help='denoising queries (x2: positive and negative)')
+    # teacher and soft loss
+    p.add_argument('--clip_model', choices=['RN50', 'RN50x4', 'RN50x16'], default='RN50', help='CLIP teacher')
+    p.add_argument('--clip_weights', default='openai',
+                   help="'openai' or a local open_clip checkpoint PATH (the toy world brings its own teacher)")
+    p.add_argument('--lambda_soft', type=float, default=0.5, help='weight of the soft (KL) loss; 0: none')
+    # optimisation
+    p.add_argument('--lr', type=float, default=1e-4)
+    p.add_argument('--lr_backbone', type=float, default=1e-5, help="for parameters named 'backbone.*'")
+    p.add_argument('--weight_decay', type=float, default=1e-4)
+    p.add_argument('--clip_max_norm', type=float, default=0.1, help='gradient clipping (total L2 norm)')
+    p.add_argument('--batch_size', type=int, default=2, help='images per GPU and step')
+    p.add_argument('--epochs', type=int, default=12, help='an epoch is one repeat-factor pass over LVIS')
+    p.add_argument('--lr_drop', type=int, default=11, help='lr x0.1 from this epoch on')
+    p.add_argument('--fp32', action='store_true', help='no bf16 autocast on the GPU')
+    p.add_argument('--seed', type=int, default=42)
+    # run
+    p.add_argument('--out_dir', default='out/lvis')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cuda', 'cpu'])
+    p.add_argument('--max_iters', type=int, default=None, help='stop after this many steps in all (smoke runs)')
+    p.add_argument('--resume', default=None, help="a checkpoint PATH, or 'auto': <out_dir>/checkpoint.pth if any")
+    p.add_argument('--eval_every', type=int, default=1, help='evaluate every N epochs and at the end; 0: never')
+    p.add_argument('--log_every', type=int, default=20, help='iterations between progress lines')
+    # parse twice: the toy's defaults replace the paper's, and whatever the command line says still wins
+    if p.parse_known_args(argv)[0].dataset == 'toy':
+        p.set_defaults(**TOY_DEFAULTS)
+    args = p.parse_args(argv)
+    if args.unlabeled_extra and args.no_extra:
+        p.error('--unlabeled_extra needs the extra data (drop --no_extra)')
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed helpers
+
+def setup_distributed(device):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process.
+    returns (ddp, rank, world_size, device): NCCL on GPUs, gloo for CPU processes."""
+    if 'RANK' not in os.environ:
+        if device == 'cuda':  # with an explicit index, RNG-state and memory queries name the device
+            return False, 0, 1, torch.device('cuda', torch.cuda.current_device())
+        return False, 0, 1, torch.device('cpu')
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    # the others wait at a barrier while rank 0 alone downloads CLIP or generates the toy world and its teacher
+    timeout = datetime.timedelta(minutes=60)
+    if device == 'cuda':
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', timeout=timeout, device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo', timeout=timeout)
+    return True, rank, world_size, device
+
+
+@contextlib.contextmanager
+def rank_zero_first(ddp, rank):
+    """Rank 0 runs the block first (downloads, data generation, the text-embedding cache); the others then run it
+    and find its results on disk instead of all doing the work at once."""
+    if ddp and rank != 0:
+        dist.barrier()
+    yield
+    if ddp and rank == 0:
+        dist.barrier()
+
+
+def rng_state(device):
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy': np.random.get_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    if device.type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def save_atomic(obj, path):
+    """A crash while writing leaves the previous file intact: write a temp file beside it, then rename."""
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data, teacher, evaluation
+
+def build_data(args, ddp, rank, world_size):
+    """returns (train loader yielding (images, mask, targets, source), LVIS train set, LVIS val set)."""
+    def size(*sizes):
+        return tuple(max(1, round(s * args.image_scale)) for s in sizes)
+
+    scales, max_size = size(*data.TRAIN_SCALES), size(data.MAX_SIZE)[0]
+    crop = dict(crop_scales=size(*data.CROP_SCALES), crop_size=size(*data.CROP_SIZE))
+    if args.dataset == 'toy':
+        import toy  # only the toy run needs the generator
+        with rank_zero_first(ddp, rank):  # generates what is missing: on rank 0 only, once
+            paths = toy.make_toy_world(args.data_path, device=args.device)
+        train_json, val_json, image_root, extra_root = (
+            paths['train_json'], paths['val_json'], paths['image_root'], paths['extra_root'])
+    else:
+        paths = None
+        train_json, val_json = (os.path.join(args.data_path, f'lvis_v1_{s}.json') for s in ('train', 'val'))
+        image_root, extra_root = args.data_path, args.extra_path
+    train_set = data.build_lvis(train_json, image_root, True, scales, max_size, **crop)
+    val_set = data.build_lvis(val_json, image_root, False, max_size=max_size, eval_size=size(800)[0])
+    # the same seed on every rank: all ranks build the same repeat-factor list and take disjoint shards of it
+    sampler = data.RepeatFactorSampler(train_set.image_classes(), seed=args.seed, rank=rank, world_size=world_size)
+    lvis = data.train_loader(train_set, sampler, args.batch_size, args.num_workers)
+    extra = None
+    if not args.no_extra:
+        augment = data.TrainAugment(scales, max_size, **crop)
+        extra_set = data.InetLvisMosaic(extra_root, train_set.cat_ids, augment, canvas=size(1280)[0])
+        extra_sampler = data.extra_sampler(extra_set, seed=args.seed, rank=rank, world_size=world_size)
+        extra = data.train_loader(extra_set, extra_sampler, args.batch_size, args.num_workers)
+    return data.MixedLoader(lvis, extra), train_set, val_set, paths
+
+
+def build_teacher(args, class_names, paths, device, ddp, rank):
+    """The frozen CLIP teacher and the class text embeddings (C, E) it gives the classifier.
+    The teacher itself is kept only when training needs its box logits (soft loss or Eq. 7 pseudo labels)."""
+    weights, cfg = args.clip_weights, None
+    if paths is not None:  # the toy world comes with its own small CLIP
+        weights, cfg = paths['teacher_ckpt'], paths['teacher_cfg']
+    with rank_zero_first(ddp, rank):  # rank 0 downloads the weights and fills the embedding cache
+        # on the GPU: LVIS's 1203 names x 81 prompts through the text tower would take many minutes on the CPU
+        teacher = ClipTeacher(args.clip_model, pretrained=weights, model_cfg=cfg).to(device)
+        text_embed = teacher.text_embeddings(class_names)
+    needed = args.lambda_soft > 0 or args.unlabeled_extra
+    return (teacher if needed else None), text_embed
+
+
+def add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold):
+    """Adds 'teacher_logits' (n, C) to every target; pseudo_threshold given (unlabeled extra data): also replaces
+    the labels by the teacher's confident argmax, -1 where it is unsure (Eq. 7)."""
+    logits = teacher.box_logits(images, boxes_from_targets(targets), text_embed)
+    for t, l in zip(targets, logits):
+        t['teacher_logits'] = l
+        if pseudo_threshold is not None:
+            t['labels'] = hard_labels_from_teacher(l, pseudo_threshold)
+
+
+def run_evaluation(model, val_set, args, device, rank, world_size, amp, log, iteration):
+    """LVIS box AP on the val split, every rank predicting its share (batch 1: see evaluate.evaluate);
+    rank 0 prints the table and logs the metrics. Detections and metrics go to <out_dir>/eval."""
+    from evaluate import evaluate, format_metrics  # imported on first use: runs with --eval_every 0 do not need it
+    # evaluation must not move the training RNG: with it, a run is the same whatever --eval_every says
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        metrics = evaluate(model, val_set, device, rank=rank, world_size=world_size,
+                           out_dir=os.path.join(args.out_dir, 'eval'), num_workers=args.num_workers, amp=amp)
+    if rank == 0:
+        print(f'LVIS box AP after {iteration} iterations:\n{format_metrics(metrics)}')
+        log({'iter': iteration, 'eval': metrics})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def main(argv=None):
+    """Trains as the command line says; returns the trained (unwrapped) model."""
+    args = get_args(argv)
+    ddp, rank, world_size, device = setup_distributed(args.device)
+    try:
+        return train(args, ddp, rank, world_size, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(args, ddp, rank, world_size, device):
+    master = rank == 0
+    # a different seed per rank for augmentation and DN noise; the model starts equal anyway (DDP broadcasts it)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    amp = device.type == 'cuda' and not args.fp32
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+    ckpt_path = os.path.join(args.out_dir, 'checkpoint.pth')
+
+    def log(record):
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        config = {**vars(args), 'world_size': world_size, 'global_batch': args.batch_size * world_size}
+        print('config:\n' + '\n'.join(f'  {k}: {v}' for k, v in config.items()))
+        with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=1)
+
+    loader, train_set, val_set, paths = build_data(args, ddp, rank, world_size)
+    if len(loader) == 0:  # drop_last would silently make every epoch empty
+        raise ValueError(f'{len(train_set)} training images make no full batch of {args.batch_size} on each of '
+                         f'{world_size} processes')
+    teacher, text_embed = build_teacher(args, train_set.class_names, paths, device, ddp, rank)
+    text_embed = text_embed.to(device)
+    model = RichSem(text_embed, backbone=args.backbone,
+                    backbone_weights=None if args.backbone_weights == 'none' else args.backbone_weights,
+                    d_model=args.d_model, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
+                    dim_feedforward=args.dim_feedforward, num_queries=args.num_queries, dn_number=args.dn_number,
+                    semantic_branch=args.lambda_soft > 0).to(device)
+    # federated loss: negatives drawn in proportion to sqrt(image count), as the official code
+    criterion = SetCriterion(len(train_set.class_names), train_set.class_image_counts.float() ** 0.5,
+                             lambda_soft=args.lambda_soft).to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{'params': [p for n, p in named if not n.startswith('backbone.')], 'lr': args.lr},
+              {'params': [p for n, p in named if n.startswith('backbone.')], 'lr': args.lr_backbone}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_drop, gamma=0.1)
+    if master:
+        print(f'model: {sum(p.numel() for _, p in named) / 1e6:.1f}M trainable parameters, '
+              f'{len(train_set.class_names)} classes, teacher {"on" if teacher is not None else "off"}')
+
+    # ---- resume: the state after `iteration` steps, `step` of which were in epoch `epoch` ----
+    start_epoch, iteration, skip, rng = 0, 0, 0, None
+    resume = ckpt_path if args.resume == 'auto' else args.resume
+    if resume and (args.resume != 'auto' or os.path.exists(resume)):
+        # our own file, and it holds Python and NumPy RNG states, which weights_only would refuse
+        ckpt = torch.load(resume, map_location='cpu', weights_only=False)
+        if ckpt['class_names'] != train_set.class_names:
+            raise ValueError(f'{resume} was trained on other classes than {args.data_path}')
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        loader.load_state_dict(ckpt['sampler'])
+        start_epoch, iteration, skip = ckpt['epoch'], ckpt['iteration'], ckpt['step']
+        # the per-rank RNG states make the continuation exact (with --num_workers 0: worker processes reseed)
+        rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
+        changed = {k: (v, getattr(args, k)) for k, v in ckpt['args'].items()
+                   if getattr(args, k, v) != v and k not in ('resume', 'max_iters')}
+        if master:
+            print(f'resumed {resume}: epoch {start_epoch}, step {skip} of it, iteration {iteration}'
+                  + (f'; settings changed (was, now): {changed}' if changed else ''))
+
+    raw_model = model
+    if ddp:
+        # buffers (frozen BatchNorm, text embeddings) never change: broadcasting them every step would only cost
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+    params = [p for _, p in named]
+
+    def save_checkpoint(epoch, step, sampler_state, copy_name=None):
+        rngs = [None] * world_size
+        if ddp:  # every rank's generators, so that each continues its own stream
+            dist.all_gather_object(rngs, rng_state(device))
+        else:
+            rngs = [rng_state(device)]
+        if master:
+            ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'scheduler': scheduler.state_dict(), 'sampler': sampler_state, 'epoch': epoch, 'step': step,
+                    'iteration': iteration, 'args': vars(args), 'class_names': train_set.class_names, 'rng': rngs}
+            save_atomic(ckpt, ckpt_path)
+            if copy_name:
+                save_atomic(ckpt, os.path.join(args.out_dir, copy_name))
+
+    total_iters = args.epochs * len(loader)
+    if args.max_iters is not None:
+        total_iters = min(total_iters, args.max_iters)
+        if iteration >= args.max_iters:  # a resumed run that is already there
+            start_epoch = args.epochs
+    replaced, t0, t_start, it_start, stopped_early = 0, time.time(), time.time(), iteration, False
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)
+        epoch_state = loader.state_dict()  # a mid-epoch checkpoint restarts the epoch from here and skips
+        batches = iter(loader)
+        for _ in range(skip):  # the batches the interrupted run already trained on (read, not trained on again)
+            next(batches, None)
+        if rng is not None:  # after the skipped reads, so that the next batch is drawn as in the interrupted run
+            set_rng_state(rng, device)
+            rng = None
+        for step, (images, mask, targets, source) in enumerate(batches, start=skip):
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            replaced += sum(t['replaced'] for t in targets)
+            unlabeled = args.unlabeled_extra and source == 'extra'
+            if teacher is not None and (args.lambda_soft > 0 or unlabeled):
+                add_teacher_targets(teacher, images, targets, text_embed,
+                                    args.pseudo_threshold if unlabeled else None)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(images, mask, targets)
+            losses = criterion(outputs, targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_max_norm)
+            # One small all-reduce per step: every rank must see a non-finite loss on any rank and stop with it
+            # (a rank that stopped alone would leave the others hanging); it also totals the replaced images.
+            status = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(grad_norm)).float(),
+                                  torch.tensor(float(replaced), device=device)])
+            if ddp:
+                dist.all_reduce(status)
+            if status[:2].sum().item() > 0:
+                terms = {k: v.item() for k, v in losses.items()}
+                bad = [f'{k}={v}' for k, v in terms.items() if not math.isfinite(v)]
+                raise SystemExit(
+                    f'stopping: non-finite loss at iteration {iteration + 1} (epoch {epoch}, step {step}, {source} '
+                    f'batch) on rank {rank}: ' + (', '.join(bad) or f'another rank (here loss={loss.item():.4g})')
+                    + f'; grad norm {grad_norm.item():.4g}. No step was taken and no checkpoint written: '
+                    f'{ckpt_path} still holds the last good state (try --resume auto, a lower --lr or --fp32).\n'
+                    f'all loss terms: {terms}')
+            optimizer.step()
+            iteration += 1
+
+            if iteration % args.log_every == 0 or iteration == total_iters:
+                dt, t0 = time.time() - t0, time.time()
+                terms = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
+                speed = (iteration - it_start) * args.batch_size * world_size / (time.time() - t_start)
+                eta = (total_iters - iteration) * (time.time() - t_start) / (iteration - it_start)
+                mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
+                lr = optimizer.param_groups[0]['lr']
+                if master:
+                    main_terms = ' '.join(f'{k[5:]} {terms[k]:.3f}' for k in
+                                          ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_soft') if k in terms)
+                    print(f'iter {iteration}/{total_iters} | epoch {epoch} | {source:5s} | loss {loss.item():.3f} '
+                          f'({main_terms}) | lr {lr:.1e} | {speed:.1f} img/s | eta {eta / 60:.1f} min | '
+                          f'mem {mem:.1f} GB | replaced {int(status[2].item())}')
+                log({'iter': iteration, 'epoch': epoch, 'source': source, 'loss': loss.item(), **terms, 'lr': lr,
+                     'grad_norm': grad_norm.item(), 'img_per_s': speed, 'eta_s': eta, 'mem_gb': mem,
+                     'replaced': int(status[2].item()), 'time_s': dt})
+            if args.max_iters is not None and iteration >= args.max_iters:
+                stopped_early = True
+                break
+        if stopped_early:
+            save_checkpoint(epoch, step + 1, epoch_state)
+            break
+        skip = 0
+        scheduler.step()
+        save_checkpoint(epoch + 1, 0, loader.state_dict(), f'checkpoint_e{epoch:02d}.pth')
+        if master:
+            print(f'epoch {epoch} done: iteration {iteration}, {(time.time() - t_start) / 60:.1f} min so far')
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            run_evaluation(raw_model, val_set, args, device, rank, world_size, amp, log, iteration)
+    if stopped_early and args.eval_every > 0:
+        run_evaluation(raw_model, val_set, args, device, rank, world_size, amp, log, iteration)
+    if master:
+        print(f'done: iteration {iteration}, checkpoint {ckpt_path}')
+    return raw_model
+
+
+if __name__ == '__main__':
+    main()
