@@ -17,6 +17,7 @@ Every sample is (image (3, H, W) float ImageNet-normalised, target dict); target
 collate() pads a batch to multiples of 32: images (B, 3, H, W), mask (B, H, W) True = padding.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -341,11 +342,12 @@ class RepeatFactorSampler(Sampler):
     the list is shuffled, padded by its own head to a multiple of world_size, and rank takes [rank::world_size].
     The generator is seeded with seed + epoch, so every rank (same seed!) builds the same list and the shards are
     disjoint. len() is this epoch's shard length (computed on demand, so it is right before iteration starts).
+    skip: indices to leave out at the start of the next pass only (resuming mid-epoch without reading images).
     """
 
     def __init__(self, image_classes, thresh=0.001, seed=0, rank=None, world_size=None):
         self.factors = repeat_factors(image_classes, thresh)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.skip = seed, 0, 0
         self.rank, self.world_size = _rank_world(rank, world_size)
         self._cache = None
 
@@ -366,7 +368,8 @@ class RepeatFactorSampler(Sampler):
         return self._cache[1]
 
     def __iter__(self):
-        return iter(self._shard())
+        start, self.skip = self.skip, 0
+        return iter(self._shard()[start:])
 
     def __len__(self):
         return len(self._shard())
@@ -378,11 +381,18 @@ class RepeatFactorSampler(Sampler):
         self.seed, self.epoch = state["seed"], state["epoch"]
 
 
-def extra_sampler(dataset, seed=0, rank=None, world_size=None):
-    """Shuffling distributed sampler for the mosaics; MixedLoader advances its epoch at every new pass
-    (the official code never did, so each pass repeated the same order)."""
-    rank, world_size = _rank_world(rank, world_size)
-    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+class ExtraSampler(DistributedSampler):
+    """Shuffling distributed sampler for the mosaics, reshuffled at every pass (MixedLoader advances its epoch; the
+    official code never did, so each pass repeated the same order). skip: as RepeatFactorSampler's."""
+
+    def __init__(self, dataset, seed=0, rank=None, world_size=None):
+        rank, world_size = _rank_world(rank, world_size)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        start, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), start, None)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -403,11 +413,13 @@ def collate(batch):
     return out, mask, list(targets)
 
 
-def train_loader(dataset, sampler, batch_size, num_workers):
-    """Training loader: drop_last keeps every rank at the same number of steps (the samplers give equal shards)."""
+def train_loader(dataset, sampler, batch_size, num_workers, seed=0):
+    """Training loader: drop_last keeps every rank at the same number of steps (the samplers give equal shards).
+    Its own generator (seed: give each rank and loader its own) seeds the workers: without it, every new iterator
+    draws from torch's global RNG, and a resumed run, which starts its iterators elsewhere, would diverge."""
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(dataset, batch_size, num_workers, rank=None, world_size=None):
@@ -425,45 +437,62 @@ class MixedLoader:
     The extra loader runs on across LVIS epochs and is restarted, with its sampler's next epoch, when exhausted.
     extra_loader=None gives LVIS-only training (the baseline). Yields (images, mask, targets, source), source in
     {'lvis', 'extra'}; images (B, 3, H, W), mask (B, H, W).
+
+    The state (epoch, batches of it yielded, extra pass, batches of it yielded) is exact at any step: a resumed run
+    goes on with the next batch of both sources, skipping sampler indices rather than reading the images again.
     """
 
     def __init__(self, lvis_loader, extra_loader=None, ratio=(1, 1)):
-        self.lvis, self.extra, self.ratio = lvis_loader, extra_loader, ratio
-        self.epoch, self.extra_epoch, self._extra_iter = 0, 0, None
+        self.lvis, self.extra = lvis_loader, extra_loader
+        self.ratio = ratio if extra_loader is not None else (1, 0)
+        self.epoch, self.position = 0, 0           # LVIS epoch, batches of it yielded
+        self.extra_epoch, self.extra_done = 0, 0   # extra pass, batches of it yielded
+        self._extra_iter = None
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        if epoch != self.epoch:  # the same epoch again is a resumed one: keep its position
+            self.epoch, self.position = epoch, 0
         self.lvis.sampler.set_epoch(epoch)
 
     def __len__(self):
         n = len(self.lvis)
-        return n if self.extra is None else n + n // self.ratio[0] * self.ratio[1]
+        return n + n // self.ratio[0] * self.ratio[1]
 
     def __iter__(self):
-        for i, batch in enumerate(self.lvis):
-            yield (*batch, "lvis")
-            if self.extra is not None and (i + 1) % self.ratio[0] == 0:
-                for _ in range(self.ratio[1]):
-                    yield (*self._next_extra(), "extra")
+        a, b = self.ratio
+        lvis_done = self.position // (a + b) * a + min(self.position % (a + b), a)
+        self.lvis.sampler.skip = lvis_done * self.lvis.batch_size
+        lvis_iter = iter(self.lvis)
+        while True:
+            if self.position % (a + b) < a:
+                batch = next(lvis_iter, None)
+                if batch is None:  # the LVIS pass is the epoch
+                    return
+                source = "lvis"
+            else:
+                batch, source = self._next_extra(), "extra"
+            self.position += 1
+            yield (*batch, source)
 
     def _next_extra(self):
         """The next extra batch, starting a new pass (next sampler epoch) when the current one is done."""
-        if self._extra_iter is not None:
-            try:
-                return next(self._extra_iter)
-            except StopIteration:
-                self.extra_epoch += 1
-        self.extra.sampler.set_epoch(self.extra_epoch)
-        self._extra_iter = iter(self.extra)
-        try:
-            return next(self._extra_iter)
-        except StopIteration:
-            raise RuntimeError("the extra loader yields no batch (fewer images than batch_size x world_size?)")
+        for _ in range(2):  # at most one new pass: a pass resumed at its very end has nothing left
+            if self._extra_iter is None:
+                self.extra.sampler.set_epoch(self.extra_epoch)
+                self.extra.sampler.skip = self.extra_done * self.extra.batch_size  # > 0 only right after a resume
+                self._extra_iter = iter(self.extra)
+            batch = next(self._extra_iter, None)
+            if batch is not None:
+                self.extra_done += 1
+                return batch
+            self._extra_iter, self.extra_epoch, self.extra_done = None, self.extra_epoch + 1, 0
+        raise RuntimeError("the extra loader yields no batch (fewer images than batch_size x world_size?)")
 
     def state_dict(self):
-        """Epoch-level resume: an interrupted extra pass is restarted from its beginning."""
-        return {"epoch": self.epoch, "extra_epoch": self.extra_epoch}
+        return {"epoch": self.epoch, "position": self.position, "extra_epoch": self.extra_epoch,
+                "extra_done": self.extra_done}
 
     def load_state_dict(self, state):
-        self.set_epoch(state["epoch"])
-        self.extra_epoch, self._extra_iter = state["extra_epoch"], None
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.extra_epoch, self.extra_done, self._extra_iter = state["extra_epoch"], state["extra_done"], None
+        self.lvis.sampler.set_epoch(self.epoch)

@@ -1412,7 +1412,7 @@ def test_mixed_loader_pattern_and_extra_epochs():
     sampler = data.RepeatFactorSampler([[0]] * 10, seed=0, rank=0, world_size=1)  # all factors 1: a permutation
     lvis = data.train_loader(main, sampler, batch_size=2, num_workers=0)
     extra_ds = Numbers(3, 100)
-    extra = data.train_loader(extra_ds, data.extra_sampler(extra_ds, seed=0, rank=0, world_size=1), 1, 0)
+    extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=0, world_size=1), 1, 0)
     mixed = data.MixedLoader(lvis, extra, ratio=(2, 1))
     sources, extra_ids = [], []
     for epoch in range(3):
@@ -1434,6 +1434,43 @@ def test_mixed_loader_pattern_and_extra_epochs():
     assert data.MixedLoader(lvis).__len__() == 5 and {o[3] for o in data.MixedLoader(lvis)} == {"lvis"}
 
 
+
+def test_mixed_loader_resumes_at_any_batch():
+    """A loader rebuilt from state_dict() at batch k continues exactly as the uninterrupted one (both sources),
+    for every k of two epochs, including mid-pattern and mid extra pass."""
+    def build():
+        lvis = data.train_loader(Numbers(10, 0), data.RepeatFactorSampler([[0]] * 10, seed=0, rank=0, world_size=1),
+                                 batch_size=2, num_workers=0)
+        extra_ds = Numbers(5, 100)
+        extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=0, world_size=1), 2, 0)
+        return data.MixedLoader(lvis, extra, ratio=(2, 1))
+
+    def ids(batch):
+        return (batch[3], tuple(t["i"] for t in batch[2]))
+
+    reference = []
+    mixed = build()
+    for epoch in range(2):
+        mixed.set_epoch(epoch)
+        reference += [ids(b) for b in mixed]
+    for k in range(len(reference)):
+        mixed, seen = build(), []
+        for epoch in range(2):
+            mixed.set_epoch(epoch)
+            for b in mixed:
+                seen.append(ids(b))
+                if len(seen) == k:
+                    break
+            if len(seen) == k:
+                break
+        state, epoch = mixed.state_dict(), mixed.epoch
+        resumed = build()
+        resumed.load_state_dict(state)
+        for e in range(epoch, 2):
+            resumed.set_epoch(e)
+            seen += [ids(b) for b in resumed]
+        assert seen == reference, f"resumed after {k} batches"
+
 # ------------------------------------------------------------------------------------------ real mini data
 
 
@@ -1454,7 +1491,7 @@ def test_mini_data_end_to_end():
     torch.manual_seed(0)
     sampler = data.RepeatFactorSampler(lvis.image_classes(), seed=0, rank=0, world_size=1)
     mixed = data.MixedLoader(data.train_loader(lvis, sampler, 2, num_workers=2),
-                             data.train_loader(inet, data.extra_sampler(inet, 0, 0, 1), 2, num_workers=1))
+                             data.train_loader(inet, data.ExtraSampler(inet, 0, 0, 1), 2, num_workers=1))
     mixed.set_epoch(0)
     assert len(mixed) == 2 * (len(sampler) // 2)
     seen = []
@@ -1921,9 +1958,9 @@ def test_args_toy_defaults_and_conflicts():
 
 def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
     a = load(os.path.join(run_a, 'checkpoint.pth'))
-    assert (a['epoch'], a['step'], a['iteration']) == (1, 1, 3)
+    assert (a['epoch'], a['iteration']) == (1, 3) and (a['sampler']['epoch'], a['sampler']['position']) == (1, 1)
     e0 = load(os.path.join(run_a, 'checkpoint_e00.pth'))
-    assert (e0['epoch'], e0['step'], e0['iteration']) == (1, 0, 2)
+    assert (e0['epoch'], e0['iteration']) == (1, 2) and (e0['sampler']['epoch'], e0['sampler']['position']) == (0, 2)
     log = read_log(run_a)
     assert [r['iter'] for r in log] == [1, 2, 3]
     assert [r['source'] for r in log] == ['lvis', 'extra', 'lvis']
@@ -1936,13 +1973,13 @@ def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
     out = str(tmp_path)
     train.main(argv(world, out, '--max_iters', '1'))
     b1 = load(os.path.join(out, 'checkpoint.pth'))
-    assert (b1['epoch'], b1['step'], b1['iteration']) == (0, 1, 1)
+    assert (b1['epoch'], b1['iteration']) == (0, 1) and (b1['sampler']['epoch'], b1['sampler']['position']) == (0, 1)
     assert all(s['step'] == 1 for s in b1['optimizer']['state'].values())
     model = train.main(argv(world, out, '--max_iters', '3', '--resume', 'auto'))
     assert [r['iter'] for r in read_log(out)] == [1, 2, 3]
     assert [r['source'] for r in read_log(out)] == ['lvis', 'extra', 'lvis']
     b = load(os.path.join(out, 'checkpoint.pth'))
-    assert (b['epoch'], b['step'], b['iteration']) == (1, 1, 3)
+    assert (b['epoch'], b['iteration']) == (1, 3) and b['sampler'] == a['sampler']
     # same data, same RNG draws, same optimizer and scheduler state: bit-identical to the uninterrupted run
     assert_same_tree(b['optimizer'], a['optimizer'])
     assert_same_tree(b['model'], a['model'])
@@ -1967,7 +2004,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, m
     assert [r['iter'] for r in read_log(out)] == [1, 2]
     assert not any(name.endswith('.tmp') for name in os.listdir(out))
     last = load(os.path.join(out, 'checkpoint.pth'))
-    assert (last['epoch'], last['step'], last['iteration']) == (1, 0, 2)
+    assert (last['epoch'], last['iteration']) == (1, 2) and (last['sampler']['epoch'], last['sampler']['position']) == (0, 2)
     assert_same_tree(last['model'], load(os.path.join(out, 'checkpoint_e00.pth'))['model'])
     assert_same_tree(last['model'], load(os.path.join(run_a, 'checkpoint_e00.pth'))['model'])
     assert all(torch.isfinite(v).all() for v in last['model'].values() if v.is_floating_point())

@@ -183,13 +183,14 @@ def build_data(args, ddp, rank, world_size):
     val_set = data.build_lvis(val_json, image_root, False, max_size=max_size, eval_size=size(800)[0])
     # the same seed on every rank: all ranks build the same repeat-factor list and take disjoint shards of it
     sampler = data.RepeatFactorSampler(train_set.image_classes(), seed=args.seed, rank=rank, world_size=world_size)
-    lvis = data.train_loader(train_set, sampler, args.batch_size, args.num_workers)
+    lvis = data.train_loader(train_set, sampler, args.batch_size, args.num_workers, seed=args.seed + rank)
     extra = None
     if not args.no_extra:
         augment = data.TrainAugment(scales, max_size, **crop)
         extra_set = data.InetLvisMosaic(extra_root, train_set.cat_ids, augment, canvas=size(1280)[0])
-        extra_sampler = data.extra_sampler(extra_set, seed=args.seed, rank=rank, world_size=world_size)
-        extra = data.train_loader(extra_set, extra_sampler, args.batch_size, args.num_workers)
+        extra_sampler = data.ExtraSampler(extra_set, seed=args.seed, rank=rank, world_size=world_size)
+        extra = data.train_loader(extra_set, extra_sampler, args.batch_size, args.num_workers,
+                                   seed=args.seed + world_size + rank)
     return data.MixedLoader(lvis, extra), train_set, val_set, paths
 
 
@@ -289,8 +290,8 @@ def train(args, ddp, rank, world_size, device):
         print(f'model: {sum(p.numel() for _, p in named) / 1e6:.1f}M trainable parameters, '
               f'{len(train_set.class_names)} classes, teacher {"on" if teacher is not None else "off"}')
 
-    # ---- resume: the state after `iteration` steps, `step` of which were in epoch `epoch` ----
-    start_epoch, iteration, skip, rng = 0, 0, 0, None
+    # ---- resume: the state after `iteration` steps; the loader's state says where in its epoch ----
+    start_epoch, iteration, rng = 0, 0, None
     resume = ckpt_path if args.resume == 'auto' else args.resume
     if resume and (args.resume != 'auto' or os.path.exists(resume)):
         # our own file, and it holds Python and NumPy RNG states, which weights_only would refuse
@@ -301,13 +302,13 @@ def train(args, ddp, rank, world_size, device):
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         loader.load_state_dict(ckpt['sampler'])
-        start_epoch, iteration, skip = ckpt['epoch'], ckpt['iteration'], ckpt['step']
+        start_epoch, iteration = ckpt['epoch'], ckpt['iteration']
         # the per-rank RNG states make the continuation exact (with --num_workers 0: worker processes reseed)
         rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
         changed = {k: (v, getattr(args, k)) for k, v in ckpt['args'].items()
                    if getattr(args, k, v) != v and k not in ('resume', 'max_iters')}
         if master:
-            print(f'resumed {resume}: epoch {start_epoch}, step {skip} of it, iteration {iteration}'
+            print(f'resumed {resume}: epoch {start_epoch}, step {loader.position} of it, iteration {iteration}'
                   + (f'; settings changed (was, now): {changed}' if changed else ''))
 
     raw_model = model
@@ -316,7 +317,7 @@ def train(args, ddp, rank, world_size, device):
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
     params = [p for _, p in named]
 
-    def save_checkpoint(epoch, step, sampler_state, copy_name=None):
+    def save_checkpoint(epoch, copy_name=None):
         rngs = [None] * world_size
         if ddp:  # every rank's generators, so that each continues its own stream
             dist.all_gather_object(rngs, rng_state(device))
@@ -324,7 +325,7 @@ def train(args, ddp, rank, world_size, device):
             rngs = [rng_state(device)]
         if master:
             ckpt = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scheduler': scheduler.state_dict(), 'sampler': sampler_state, 'epoch': epoch, 'step': step,
+                    'scheduler': scheduler.state_dict(), 'sampler': loader.state_dict(), 'epoch': epoch,
                     'iteration': iteration, 'args': vars(args), 'class_names': train_set.class_names, 'rng': rngs}
             save_atomic(ckpt, ckpt_path)
             if copy_name:
@@ -338,15 +339,11 @@ def train(args, ddp, rank, world_size, device):
     replaced, t0, t_start, it_start, stopped_early = 0, time.time(), time.time(), iteration, False
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        loader.set_epoch(epoch)
-        epoch_state = loader.state_dict()  # a mid-epoch checkpoint restarts the epoch from here and skips
-        batches = iter(loader)
-        for _ in range(skip):  # the batches the interrupted run already trained on (read, not trained on again)
-            next(batches, None)
-        if rng is not None:  # after the skipped reads, so that the next batch is drawn as in the interrupted run
+        loader.set_epoch(epoch)  # a resumed epoch keeps its position: the loader skips what was trained on
+        if rng is not None:  # so that the next batch is augmented as in the interrupted run
             set_rng_state(rng, device)
             rng = None
-        for step, (images, mask, targets, source) in enumerate(batches, start=skip):
+        for step, (images, mask, targets, source) in enumerate(loader, start=loader.position):
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                        for t in targets]
@@ -400,11 +397,10 @@ def train(args, ddp, rank, world_size, device):
                 stopped_early = True
                 break
         if stopped_early:
-            save_checkpoint(epoch, step + 1, epoch_state)
+            save_checkpoint(epoch)
             break
-        skip = 0
         scheduler.step()
-        save_checkpoint(epoch + 1, 0, loader.state_dict(), f'checkpoint_e{epoch:02d}.pth')
+        save_checkpoint(epoch + 1, f'checkpoint_e{epoch:02d}.pth')
         if master:
             print(f'epoch {epoch} done: iteration {iteration}, {(time.time() - t_start) / 60:.1f} min so far')
         if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
