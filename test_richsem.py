@@ -1135,7 +1135,7 @@ def test_repeat_factors_hand_computed():
 
 def test_repeat_factor_expected_counts():
     s = data.RepeatFactorSampler(TOY_CLASSES, thresh=0.9, seed=3, rank=0, world_size=1)
-    epochs, counts = 3000, np.zeros(10)
+    epochs, counts = 800, np.zeros(10)
     for e in range(epochs):
         s.set_epoch(e)
         idx = list(s)
@@ -1143,7 +1143,7 @@ def test_repeat_factor_expected_counts():
         # stochastic rounding: each image appears floor(r) or ceil(r) times
         assert all(math.floor(f) <= k <= math.ceil(f) for k, f in zip(c, TOY_FACTORS))
         counts += c
-    assert np.allclose(counts / epochs, TOY_FACTORS, atol=0.04)
+    assert np.allclose(counts / epochs, TOY_FACTORS, atol=0.08)  # 4.5 standard errors of a fraction 0.5
 
 
 def test_repeat_factor_ranks_shards_and_epochs():
