@@ -3,6 +3,7 @@ Tests of richsem, one section per file, each against an independent reference (f
 hand-computed cases). Run: python -m pytest -q test_richsem.py
 CUDA tests skip without a GPU; tests that want the real data in ../shared/data skip unless RICHSEM_DATA is set.
 """
+import hashlib
 import itertools
 import json
 import logging
@@ -28,6 +29,7 @@ import data
 import evaluate
 import model
 import msda
+import toy
 import train
 from clip_teacher import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PROMPT_TEMPLATES, ClipTeacher,
                           boxes_from_targets, hard_labels_from_teacher, load_wnid_to_class, map_to_nearest_class)
@@ -2100,3 +2102,214 @@ def test_unlabeled_extra_gets_teacher_argmax_labels(world, tmp_path, monkeypatch
         prob = torch.softmax(logits.double(), -1)
         want = [int(p.argmax()) if p.max() > 0.5 else -1 for p in prob]
         assert len(labels) == 4 and labels.tolist() == want
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# toy.py: the generated long-tailed world, its teacher, and train.py --dataset toy end to end
+
+N_TOY = len(toy.CLASS_NAMES)
+
+
+@pytest.fixture(scope='module')
+def toy_tiny_world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('toy'))
+    torch.manual_seed(123)
+    paths = toy.make_toy_world(root, seed=0, small=True)
+    after = torch.rand(3)  # the caller's random stream, after a build that trained a teacher
+    return root, paths, after
+
+
+def test_toy_building_leaves_the_callers_rng_alone(toy_tiny_world):
+    torch.manual_seed(123)
+    assert torch.equal(toy_tiny_world[2], torch.rand(3))
+
+
+def toy_sha1(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def toy_files(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            out[os.path.relpath(os.path.join(d, name), root)] = toy_sha1(os.path.join(d, name))
+    return out
+
+
+def test_toy_generator_is_deterministic(tmp_path):
+    for name, seed in (('a', 0), ('b', 0), ('c', 1)):
+        toy.write_world_data(str(tmp_path / name), seed, toy.SIZES['small'])
+    a, b, c = (toy_files(str(tmp_path / n)) for n in 'abc')
+    assert len(a) > 150 and sum(k.endswith('.jpg') for k in a) > 150
+    assert a == b  # every json and every JPEG byte for byte
+    assert a['lvis_v1_train.json'] != c['lvis_v1_train.json']
+    shared = [k for k in a if k.endswith('.jpg') and k in c]
+    assert shared and sum(a[k] != c[k] for k in shared) == len(shared)
+
+
+def toy_counts_by_hand(specs):
+    """Independent recount: images containing each class, instances of each class."""
+    images, instances = [0] * N_TOY, [0] * N_TOY
+    for spec in specs:
+        seen = set()
+        for obj in spec['objects']:
+            instances[obj[0]] += 1
+            seen.add(obj[0])
+        for c in seen:
+            images[c] += 1
+    return np.array(images), np.array(instances)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_toy_default_world_is_long_tailed(seed):
+    world = toy.layout_world(seed, toy.SIZES['default'])  # layout only: no pixels drawn
+    images, instances = toy_counts_by_hand(world['train'])
+    rare, common, freq = (images <= 10).sum(), ((images > 10) & (images <= 100)).sum(), (images > 100).sum()
+    assert images.min() >= 1 and rare + common + freq == N_TOY == 48
+    assert rare == 12 and common == 16 and freq == 20  # ~1/4 rare, ~1/3 common
+    assert (instances >= images).all() and 1200 <= len(world['train']) <= 1500
+    assert all(1 <= len(s['objects']) <= 6 for s in world['train'] + world['val'])
+    # val: every class in many images, whatever its train frequency
+    val_images, val_instances = toy_counts_by_hand(world['val'])
+    assert val_images.min() >= 16 and val_instances.min() >= 16
+    # extra: balanced, one label per image, about 30% with a second (unlabelled) object of another class
+    labels = np.array([s['label'] for s in world['extra']])
+    assert (np.bincount(labels, minlength=N_TOY) == 16).all()
+    assert all(s['objects'][-1][0] == s['label'] for s in world['extra'])
+    second = [s for s in world['extra'] if len(s['objects']) == 2]
+    assert 0.2 < len(second) / len(world['extra']) < 0.4
+    assert all(s['objects'][0][0] != s['label'] for s in second)
+
+
+def test_toy_lvis_json_fields_and_counts(toy_tiny_world):
+    _, paths, _ = toy_tiny_world
+    with open(paths['train_json']) as f:
+        train = json.load(f)
+    with open(paths['val_json']) as f:
+        val = json.load(f)
+    cats = {c['id']: c for c in train['categories']}
+    assert sorted(cats) == list(range(1, N_TOY + 1)) and [cats[i + 1]['name'] for i in range(N_TOY)] == toy.CLASS_NAMES
+    img_sets, inst = {c: set() for c in cats}, {c: 0 for c in cats}
+    for a in train['annotations']:
+        img_sets[a['category_id']].add(a['image_id'])
+        inst[a['category_id']] += 1
+    for cid, cat in cats.items():
+        n = len(img_sets[cid])
+        assert cat['image_count'] == n and cat['instance_count'] == inst[cid]
+        assert cat['frequency'] == ('r' if n <= 10 else 'c' if n <= 100 else 'f')
+    assert val['categories'] == train['categories']  # val carries the train statistics, as LVIS does
+    for split in (train, val):
+        imgs = {im['id']: im for im in split['images']}
+        present = {i: set() for i in imgs}
+        for a in split['annotations']:
+            x, y, w, h = a['bbox']
+            im = imgs[a['image_id']]
+            assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= im['width'] and y + h <= im['height']
+            assert a['area'] == w * h and a['iscrowd'] == 0
+            present[a['image_id']].add(a['category_id'])
+        for i, im in imgs.items():
+            assert set(im['neg_category_ids']) == set(cats) - present[i] and im['not_exhaustive_category_ids'] == []
+    assert len({a['id'] for a in train['annotations']}) == len(train['annotations'])
+    assert not {im['id'] for im in train['images']} & {im['id'] for im in val['images']}
+
+
+# dominant channels of each colour name, checked on the drawn pixels
+TOY_COLOUR_TEST = {'red': lambda m: m[0] > m[1] + 40 and m[0] > m[2] + 40,
+               'green': lambda m: m[1] > m[0] + 30 and m[1] > m[2] + 30,
+               'blue': lambda m: m[2] > m[0] + 40 and m[2] > m[1] + 40,
+               'yellow': lambda m: m[0] > m[2] + 60 and m[1] > m[2] + 60}
+
+
+def test_toy_boxes_are_tight_on_drawn_objects():
+    specs = toy.layout_world(3, toy.SIZES['small'])['train'][:40]
+    for spec in specs:
+        img, boxes = toy.render(spec)
+        background, _ = toy.render(dict(spec, objects=[]))  # the same image with no object drawn
+        changed = (img != background).any(-1)
+        h, w = changed.shape
+        for obj, (x0, y0, x1, y1) in zip(spec['objects'], boxes):
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            inside = changed[y0:y1, x0:x1]
+            # tight: every border row and column of the box holds drawn pixels ...
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            # ... and the one-pixel frame just outside holds none (objects keep a gap)
+            frame = np.zeros_like(changed)
+            frame[max(y0 - 1, 0):y1 + 1, max(x0 - 1, 0):x1 + 1] = True
+            frame[y0:y1, x0:x1] = False
+            assert not changed[frame].any()
+            assert inside.mean() > 0.3  # on the object: stars fill the least of their box
+            colour = toy.CLASS_NAMES[obj[0]].split()[0]
+            plain = img[y0:y1, x0:x1][inside]
+            bright = plain[plain.sum(1) >= np.median(plain.sum(1))]  # drop the dark texture marks
+            assert TOY_COLOUR_TEST[colour](bright.astype(float).mean(0)), (colour, bright.mean(0))
+
+
+def test_toy_files_load_through_data_py(toy_tiny_world):
+    _, paths, _ = toy_tiny_world
+    train = data.build_lvis(paths['train_json'], paths['image_root'], True, scales=(128, 160), max_size=256,
+                            crop_scales=(96, 128), crop_size=(80, 120))
+    val = data.build_lvis(paths['val_json'], paths['image_root'], False, max_size=256, eval_size=160)
+    assert train.class_names == toy.CLASS_NAMES and train.cat_ids == list(range(1, N_TOY + 1))
+    with open(paths['train_json']) as f:
+        js = json.load(f)
+    assert len(train) == len(js['images']) and len(train.labels) == len(js['annotations'])
+    for ds in (train, val):
+        image, target = ds[0]
+        assert image.shape[0] == 3 and (target['size'] == torch.tensor(image.shape[1:])).all()
+        assert len(target['boxes']) == len(target['labels']) > 0 and target['replaced'] == 0
+        assert ((target['boxes'] >= 0) & (target['boxes'] <= 1)).all()
+    mosaic = data.InetLvisMosaic(paths['extra_root'], train.cat_ids, data.EvalResize(96, 160), canvas=256)
+    image, target = mosaic[0]
+    assert image.shape == (3, 256, 256) and target['boxes'].shape == (4, 4) and target['replaced'] == 0
+    with open(os.path.join(paths['extra_root'], 'imagenet_lvis_image_info.json')) as f:
+        extra = json.load(f)
+    first = sorted(extra['images'], key=lambda im: im['id'])[0]
+    assert target['labels'][0] == first['pos_category_ids'][0] - 1
+    assert all(im['file_name'].split('/')[0].startswith(f'{im["pos_category_ids"][0]:04d}_') for im in extra['images'])
+
+
+def test_toy_teacher_loads_through_clip_teacher(toy_tiny_world):
+    root, paths, _ = toy_tiny_world
+    teacher = ClipTeacher('RN50', pretrained=paths['teacher_ckpt'], model_cfg=paths['teacher_cfg'],
+                          cache_dir=os.path.join(root, 'cache'))
+    saved = torch.load(paths['teacher_ckpt'], weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in teacher.model.state_dict().items())
+    assert teacher.grid == paths['teacher_cfg']['vision_cfg']['image_size'] // 32
+    text = teacher.text_embeddings(toy.CLASS_NAMES)
+    assert text.shape == (N_TOY, paths['teacher_cfg']['embed_dim'])
+    image, target = data.build_lvis(paths['val_json'], paths['image_root'], False, max_size=256, eval_size=160)[0]
+    images, _, targets = data.collate([(image, target)])
+    logits = teacher.box_logits(images, boxes_from_targets(targets), text)
+    assert logits[0].shape == (len(target['labels']), N_TOY) and logits[0].abs().max() <= 100 + 1e-3
+    with open(os.path.join(root, 'teacher', 'zero_shot.json')) as f:
+        acc = json.load(f)
+    assert set(acc) == {'crop', 'box'} and all(0 <= acc[m]['all'] <= 1 for m in acc)
+
+
+def test_toy_make_toy_world_is_idempotent(toy_tiny_world):
+    root, paths, _ = toy_tiny_world
+    before = toy_files(root)
+    assert toy.make_toy_world(root, seed=0, small=True) == paths
+    assert toy_files(root) == before
+    with pytest.raises(ValueError, match='seed'):
+        toy.make_toy_world(root, seed=1, small=True)
+
+
+def test_toy_train_smoke_run_end_to_end(toy_tiny_world, tmp_path, monkeypatch):
+    """`train.py --dataset toy` on the tiny world: generator output, toy teacher (soft loss), mosaics, evaluation."""
+    root, paths, _ = toy_tiny_world
+    monkeypatch.setattr(train, 'ClipTeacher', ClipTeacher)  # other tests may have swapped in a stand-in
+    monkeypatch.setenv('HOME', str(tmp_path))  # the text-embedding cache goes to ~/.cache
+    out = str(tmp_path / 'out')
+    train.main(['--dataset', 'toy', '--data_path', root, '--out_dir', out, '--device', 'cpu', '--d_model', '64',
+                '--dim_feedforward', '64', '--enc_layers', '1', '--dec_layers', '1', '--num_queries', '20',
+                '--dn_number', '6', '--num_workers', '0', '--batch_size', '2', '--max_iters', '2', '--log_every', '1'])
+    log = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    steps = [r for r in log if 'loss' in r]
+    assert [r['source'] for r in steps] == ['lvis', 'extra'] and all(np.isfinite(r['loss']) for r in steps)
+    assert all(r['loss_soft'] > 0 for r in steps)  # the toy teacher's soft targets reach the loss
+    metrics = [r['eval'] for r in log if 'eval' in r]
+    assert len(metrics) == 1 and set(metrics[0]) == set(evaluate.METRICS)
+    # the small world has no frequent class: APf is undefined (NaN, which the json log keeps)
+    assert 0 <= metrics[0]['AP'] <= 1 and 0 <= metrics[0]['APr'] <= 1 and np.isnan(metrics[0]['APf'])
