@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import record_function
 
 import data
 from clip_teacher import ClipTeacher, boxes_from_targets, hard_labels_from_teacher
@@ -218,6 +219,73 @@ def add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold):
             t['labels'] = hard_labels_from_teacher(l, pseudo_threshold)
 
 
+def build_model(args, text_embed):
+    """The detector of the settings, on the CPU: RichSem over the class text embeddings text_embed (C, E), with the
+    semantic branch only when there is a soft loss to train it."""
+    return RichSem(text_embed, backbone=args.backbone,
+                   backbone_weights=None if args.backbone_weights == 'none' else args.backbone_weights,
+                   d_model=args.d_model, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
+                   dim_feedforward=args.dim_feedforward, num_queries=args.num_queries, dn_number=args.dn_number,
+                   semantic_branch=args.lambda_soft > 0)
+
+
+def build_optimizer(args, model, device):
+    """AdamW over the trainable parameters, those named 'backbone.*' at their own lr (fused kernels on the GPU).
+    returns (optimizer, the list of trainable parameters, which gradient clipping needs)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{'params': [p for n, p in named if not n.startswith('backbone.')], 'lr': args.lr},
+              {'params': [p for n, p in named if n.startswith('backbone.')], 'lr': args.lr_backbone}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    return optimizer, [p for _, p in named]
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the gradient norm was not finite on some rank; train_step took no optimizer step."""
+
+    def __init__(self, loss, losses, grad_norm):
+        super().__init__('non-finite loss or gradient norm')
+        self.loss, self.losses, self.grad_norm = loss, losses, grad_norm
+
+
+def train_step(model, criterion, optimizer, params, images, mask, targets, amp, clip_max_norm, teacher=None,
+               text_embed=None, pseudo_threshold=None, replaced=0, ddp=False):
+    """
+    One training step on a batch already on the device: teacher targets, forward (bf16 autocast if amp), losses,
+    backward, gradient clipping, a finiteness check agreed by all ranks, optimizer step. bench.py times this.
+    images (B, 3, H, W), mask (B, H, W) True = padding, targets: B dicts ('boxes', 'labels', 'size'), changed in place
+    teacher: given, every target gets its 'teacher_logits' (n, C) first, and with pseudo_threshold (unlabeled extra
+             data) the teacher's confident labels (Eq. 7)
+    replaced: this rank's count of replaced images so far, totalled over ranks by the same all-reduce
+    returns loss (), losses {name: ()}, grad_norm (), status (3,) = [loss not finite, grad norm not finite, replaced]
+    raises NonFiniteLoss, without stepping, when the loss or the gradient norm is not finite on any rank
+    The record_function regions name the parts of the step in a torch.profiler trace (bench.py step --profile).
+    """
+    if teacher is not None:
+        with record_function('teacher'):
+            add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold)
+    with record_function('forward'), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(images, mask, targets)
+    with record_function('losses'):
+        losses = criterion(outputs, targets)
+        loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    with record_function('backward'):
+        loss.backward()
+    with record_function('clip_and_check'):
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+        # One small all-reduce per step: every rank must see a non-finite loss on any rank and stop with it
+        # (a rank that stopped alone would leave the others hanging); it also totals the replaced images.
+        status = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(grad_norm)).float(),
+                              torch.tensor(float(replaced), device=images.device)])
+        if ddp:
+            dist.all_reduce(status)
+        if status[:2].sum().item() > 0:
+            raise NonFiniteLoss(loss, losses, grad_norm)
+    with record_function('optimizer'):
+        optimizer.step()
+    return loss, losses, grad_norm, status
+
+
 def run_evaluation(model, val_set, args, device, rank, world_size, amp, log, iteration):
     """LVIS box AP on the val split, every rank predicting its share (batch 1: see evaluate.evaluate);
     rank 0 prints the table and logs the metrics. Detections and metrics go to <out_dir>/eval."""
@@ -273,21 +341,14 @@ def train(args, ddp, rank, world_size, device):
                          f'{world_size} processes')
     teacher, text_embed = build_teacher(args, train_set.class_names, paths, device, ddp, rank)
     text_embed = text_embed.to(device)
-    model = RichSem(text_embed, backbone=args.backbone,
-                    backbone_weights=None if args.backbone_weights == 'none' else args.backbone_weights,
-                    d_model=args.d_model, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
-                    dim_feedforward=args.dim_feedforward, num_queries=args.num_queries, dn_number=args.dn_number,
-                    semantic_branch=args.lambda_soft > 0).to(device)
+    model = build_model(args, text_embed).to(device)
     # federated loss: negatives drawn in proportion to sqrt(image count), as the official code
     criterion = SetCriterion(len(train_set.class_names), train_set.class_image_counts.float() ** 0.5,
                              lambda_soft=args.lambda_soft).to(device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{'params': [p for n, p in named if not n.startswith('backbone.')], 'lr': args.lr},
-              {'params': [p for n, p in named if n.startswith('backbone.')], 'lr': args.lr_backbone}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    optimizer, params = build_optimizer(args, model, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_drop, gamma=0.1)
     if master:
-        print(f'model: {sum(p.numel() for _, p in named) / 1e6:.1f}M trainable parameters, '
+        print(f'model: {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters, '
               f'{len(train_set.class_names)} classes, teacher {"on" if teacher is not None else "off"}')
 
     # ---- resume: the state after `iteration` steps; the loader's state says where in its epoch ----
@@ -315,7 +376,6 @@ def train(args, ddp, rank, world_size, device):
     if ddp:
         # buffers (frozen BatchNorm, text embeddings) never change: broadcasting them every step would only cost
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
-    params = [p for _, p in named]
 
     def save_checkpoint(epoch, copy_name=None):
         rngs = [None] * world_size
@@ -349,32 +409,22 @@ def train(args, ddp, rank, world_size, device):
                        for t in targets]
             replaced += sum(t['replaced'] for t in targets)
             unlabeled = args.unlabeled_extra and source == 'extra'
-            if teacher is not None and (args.lambda_soft > 0 or unlabeled):
-                add_teacher_targets(teacher, images, targets, text_embed,
-                                    args.pseudo_threshold if unlabeled else None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model(images, mask, targets)
-            losses = criterion(outputs, targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_max_norm)
-            # One small all-reduce per step: every rank must see a non-finite loss on any rank and stop with it
-            # (a rank that stopped alone would leave the others hanging); it also totals the replaced images.
-            status = torch.stack([(~torch.isfinite(loss.detach())).float(), (~torch.isfinite(grad_norm)).float(),
-                                  torch.tensor(float(replaced), device=device)])
-            if ddp:
-                dist.all_reduce(status)
-            if status[:2].sum().item() > 0:
-                terms = {k: v.item() for k, v in losses.items()}
+            use_teacher = teacher is not None and (args.lambda_soft > 0 or unlabeled)
+            try:
+                loss, losses, grad_norm, status = train_step(
+                    model, criterion, optimizer, params, images, mask, targets, amp, args.clip_max_norm,
+                    teacher if use_teacher else None, text_embed, args.pseudo_threshold if unlabeled else None,
+                    replaced, ddp)
+            except NonFiniteLoss as bad_step:
+                loss, grad_norm = bad_step.loss, bad_step.grad_norm
+                terms = {k: v.item() for k, v in bad_step.losses.items()}
                 bad = [f'{k}={v}' for k, v in terms.items() if not math.isfinite(v)]
                 raise SystemExit(
                     f'stopping: non-finite loss at iteration {iteration + 1} (epoch {epoch}, step {step}, {source} '
                     f'batch) on rank {rank}: ' + (', '.join(bad) or f'another rank (here loss={loss.item():.4g})')
                     + f'; grad norm {grad_norm.item():.4g}. No step was taken and no checkpoint written: '
                     f'{ckpt_path} still holds the last good state (try --resume auto, a lower --lr or --fp32).\n'
-                    f'all loss terms: {terms}')
-            optimizer.step()
+                    f'all loss terms: {terms}') from None
             iteration += 1
 
             if iteration % args.log_every == 0 or iteration == total_iters:
