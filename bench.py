@@ -140,11 +140,11 @@ def bench_msda(args):
             t_f, _ = cuda_time(fwd)
             t_fb, peak = cuda_time(fwd_bwd)
             rows.append((shape_name, name, t_f, t_fb, peak, err))
-            del out, v, lc, at, grad
+            del out  # the closures' tensors are freed when the next implementation rebinds them
             torch.cuda.empty_cache()
     print(f"\nMSDA at DINO shapes, N=2, S=22,223 (4 levels), M=8, D=32, L=4, P=4 on {torch.cuda.get_device_name()}")
-    print(f"| shape | implementation | forward ms | fwd+bwd ms | peak MiB | rel. error vs fp64 |")
-    print(f"|---|---|---|---|---|---|")
+    print("| shape | implementation | forward ms | fwd+bwd ms | peak MiB | rel. error vs fp64 |")
+    print("|---|---|---|---|---|---|")
     for shape_name, name, t_f, t_fb, peak, err in rows:
         print(f"| {shape_name} | {name} | {t_f:.3f} | {t_fb:.3f} | {peak:.0f} | {err:.1e} |")
 

@@ -544,6 +544,55 @@ def test_backbone_weights_from_file(tmp_path):
     assert not backbone.body.layer1[0].conv1.weight.requires_grad and backbone.body.layer2[0].conv1.weight.requires_grad
 
 
+
+def test_frozen_batchnorm_follows_its_buffers():
+    """The cached affine must equal BatchNorm's formula (float64, by hand) after every way the buffers change."""
+    torch.manual_seed(9)
+    bn = model.FrozenBatchNorm2d(5).double()
+
+    def by_hand(x):
+        return (x - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var.view(1, -1, 1, 1) + bn.eps).sqrt() \
+            * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(bn(x), x, rtol=1e-5, atol=1e-5)  # identity statistics (eps aside)
+    bn.running_var.uniform_(0.5, 2.0), bn.bias.normal_()  # in place
+    torch.testing.assert_close(bn(x), by_hand(x), rtol=1e-12, atol=1e-12)
+    state = {k: torch.randn_like(v).abs() + 0.1 for k, v in bn.state_dict().items()}
+    bn.load_state_dict({**state, 'num_batches_tracked': torch.tensor(3)})  # what torchvision checkpoints hold
+    torch.testing.assert_close(bn(x), by_hand(x), rtol=1e-12, atol=1e-12)
+    bn.float()
+    assert bn(x.float()).dtype == torch.float32
+    torch.testing.assert_close(bn(x.float()).double(), by_hand(x), rtol=1e-5, atol=1e-5)
+    assert set(bn.state_dict()) == {'weight', 'bias', 'running_mean', 'running_var'}  # the cache is not saved
+    assert torch.is_tensor(bn(x.float().requires_grad_())) and not bn.weight.requires_grad
+
+
+def test_heads_of_all_layers_at_once_equal_each_layer_alone():
+    """forward applies the shared heads to all decoder layers in one call; each layer alone must give the same."""
+    net = _tiny().double().train()
+    images, mask, targets = _batch()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    seen = {}
+    decode = net.decode
+
+    def spy(*args):
+        seen['hs'], seen['refs'] = decode(*args)
+        return seen['hs'], seen['refs']
+
+    net.decode = spy
+    torch.manual_seed(0)
+    out = net(images.double(), mask, targets)
+    n_dn = out['dn_outputs'][0]['pred_logits'].shape[1]
+    text_unit = F.normalize(net.text_embed, dim=-1)
+    layers = out['aux_outputs'] + [out]
+    for i, (h, ref) in enumerate(zip(seen['hs'], seen['refs'])):
+        logits = 100 * F.normalize(net.class_head.proj(h), dim=-1) @ text_unit.T
+        boxes = (net.bbox_head(h) + torch.log(ref.clamp(min=1e-3) / (1 - ref).clamp(min=1e-3))).sigmoid()
+        torch.testing.assert_close(layers[i]['pred_logits'], logits[:, n_dn:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layers[i]['pred_boxes'], boxes[:, n_dn:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out['dn_outputs'][i]['pred_boxes'], boxes[:, :n_dn], rtol=1e-10, atol=1e-10)
+
 # ----------------------------------------------------------------------------------------------------------------
 # losses.py: matcher and criterion
 

@@ -271,7 +271,7 @@ def train_step(model, criterion, optimizer, params, images, mask, targets, amp, 
         outputs = model(images, mask, targets)
     with record_function('losses'):
         losses = criterion(outputs, targets)
-        loss = sum(losses.values())
+        loss = torch.stack(list(losses.values())).sum()  # one kernel, not one addition per each of ~40 terms
     optimizer.zero_grad(set_to_none=True)
     with record_function('backward'):
         loss.backward()
