@@ -48,8 +48,9 @@ from model import RichSem
 # Sizes of the toy world: it is small and drawn at low resolution, and its backbone starts from scratch (no
 # downloads), so it needs fewer queries and layers, smaller images and a backbone learning as fast as the rest.
 # Applied under --dataset toy to every setting the command line does not give. 4 epochs (lr x0.1 for the last) are
-# 1,500 LVIS + 1,500 mosaic steps: about 5 minutes on one GPU. On the CPU a step takes ~2 s, so there the toy stops
-# after TOY_CPU_ITERS steps (~9 minutes on 2 cores): the whole pipeline runs, but AP stays far below the GPU run's.
+# 1,500 LVIS + 1,500 mosaic steps: about 6 minutes on an H100. On the CPU a step takes ~2 s, so there the toy stops
+# after TOY_CPU_ITERS steps (~10 minutes on 2 cores, world included): the whole pipeline runs, but AP stays far
+# below the GPU run's.
 TOY_DEFAULTS = dict(data_path='data/toy', out_dir='out/toy', backbone='r18', backbone_weights='none', lr_backbone=1e-4,
                     d_model=128, dim_feedforward=512, enc_layers=3, dec_layers=3, num_queries=100, dn_number=50,
                     image_scale=0.25, batch_size=4, epochs=4, lr_drop=3, num_workers=2)
