@@ -42,23 +42,29 @@ import msda
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 
 
-def cuda_time(fn, warmup=5, reps=30):
-    """Median milliseconds of fn() over reps, with CUDA events; and the peak memory above the start, in MiB."""
+def time_steps(step, warmup, steps, device):
+    """step() warmup times, then steps times timed (CUDA events on the GPU) -> (median ms, peak allocated GiB over
+    the timed steps, GiB allocated before them); the memory is None on the CPU."""
     for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return sorted(times)[len(times) // 2], peak
+        step()
+    times, cuda, base = [], device.type == 'cuda', None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), torch.cuda.max_memory_allocated() / 2**30 if cuda else None, base
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,9 +143,10 @@ def bench_msda(args):
                 v.grad = lc.grad = at.grad = None
                 fn(v, shapes, starts, lc, at).backward(grad)
 
-            t_f, _ = cuda_time(fwd)
-            t_fb, peak = cuda_time(fwd_bwd)
-            rows.append((shape_name, name, t_f, t_fb, peak, err))
+            cuda = torch.device("cuda")
+            t_f = time_steps(fwd, 5, 30, cuda)[0]
+            t_fb, peak, base = time_steps(fwd_bwd, 5, 30, cuda)
+            rows.append((shape_name, name, t_f, t_fb, (peak - base) * 1024, err))
             del out  # the closures' tensors are freed when the next implementation rebinds them
             torch.cuda.empty_cache()
     print(f"\nMSDA at DINO shapes, N=2, S=22,223 (4 levels), M=8, D=32, L=4, P=4 on {torch.cuda.get_device_name()}")
@@ -162,30 +169,6 @@ def synthetic_batch(image_size, gt_counts, num_classes, seed=0):
         batch.append((torch.randn(3, *image_size, generator=g), boxes,
                       torch.randint(0, num_classes - 1, (n,), generator=g)))
     return batch
-
-
-def time_steps(step, warmup, steps, device):
-    """step() warmup times, then steps times timed (CUDA events on the GPU) -> (median ms, peak allocated GiB over
-    the timed steps, None on the CPU)."""
-    for _ in range(warmup):
-        step()
-    times, cuda = [], device.type == 'cuda'
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
 
 def ours_setup(args, device, teacher):
@@ -324,7 +307,7 @@ def bench_step(args):
                 for _ in range(args.warmup):
                     step()
                 scale = step.scaler.get_scale() if amp and kind == 'official' else None
-                rows[case, name] = time_steps(step, 0, args.steps, device)
+                rows[case, name] = time_steps(step, 0, args.steps, device)[:2]
                 print(f'{case} | {name}: {rows[case, name][0]:.1f} ms', flush=True)
                 if scale is not None and step.scaler.get_scale() != scale:
                     notes.append(f'{name}, {case}: loss scale {scale:g} -> {step.scaler.get_scale():g} in the timed '
@@ -441,7 +424,7 @@ def bench_profile(args):
         setattr(model, method, labelled(region, getattr(model, method)))
     criterion.matcher.forward = labelled('matching', criterion.matcher.forward)
     step = make_step(synthetic_batch(args.image_size, (12, 12), args.num_classes), device.type == 'cuda')
-    ms, _ = time_steps(step, args.warmup, args.steps, device)
+    ms = time_steps(step, args.warmup, args.steps, device)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     active = 3
     with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=active)) as prof:
@@ -577,7 +560,7 @@ def bench_eval(args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(images, mask)
             return evaluate.postprocess(out, sizes, evaluate.MAX_DETS)
-        forward_ms, _ = time_steps(forward, args.warmup, args.infer_images, device)
+        forward_ms = time_steps(forward, args.warmup, args.infer_images, device)[0]
         where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (fp32)'
         print(f'\nInference, batch 1 at {h}x{w} (padded to multiples of 32), R50 4-scale, 900 queries, '
               f'{args.num_classes} classes, bf16 autocast, top {evaluate.MAX_DETS} detections; {where}')
