@@ -304,13 +304,13 @@ def valid_ratios(mask):
     return torch.stack([(~mask[:, 0, :]).sum(1) / W, (~mask[:, :, 0]).sum(1) / H], -1).float()
 
 
-def encoder_reference_points(spatial_shapes, ratios):
+def encoder_reference_points(shapes, ratios):
     """
     Pixel centres of every level as fractions of the valid image, then mapped into every level's padded map.
-    spatial_shapes: (L, 2) (H_l, W_l); ratios: (B, L, 2) (w, h) -> (B, S, L, 2) normalised (x, y).
+    shapes: L pairs of ints (H_l, W_l); ratios: (B, L, 2) (w, h) -> (B, S, L, 2) normalised (x, y).
     """
     refs = []
-    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+    for lvl, (H, W) in enumerate(shapes):
         ys, xs = torch.meshgrid(torch.arange(H, device=ratios.device) + 0.5,
                                 torch.arange(W, device=ratios.device) + 0.5, indexing='ij')
         ref_x = xs.reshape(1, -1) / (ratios[:, lvl, 0:1] * W)
@@ -319,13 +319,14 @@ def encoder_reference_points(spatial_shapes, ratios):
     return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
 
 
-def encoder_proposals(mask_flat, spatial_shapes):
+def encoder_proposals(mask_flat, shapes):
     """
     One proposal box per encoder token: its pixel centre in the valid image, side 0.05 * 2^level.
-    mask_flat: (B, S) True = padding -> proposals (B, S, 4) in logit space (+inf where invalid), valid (B, S, 1).
+    mask_flat: (B, S) True = padding; shapes: L pairs of ints (H_l, W_l)
+    -> proposals (B, S, 4) in logit space (+inf where invalid), valid (B, S, 1).
     """
     B, proposals, start = mask_flat.shape[0], [], 0
-    for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+    for lvl, (H, W) in enumerate(shapes):
         mask = mask_flat[:, start:start + H * W].view(B, H, W)
         start += H * W
         valid_h, valid_w = (~mask[:, :, 0]).sum(1).float(), (~mask[:, 0, :]).sum(1).float()
@@ -470,21 +471,26 @@ class RichSem(nn.Module):
                          for lvl, m in enumerate(masks)], 1)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
-        spatial_shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=src.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        # The level sizes are known here on the host: the geometry below uses these ints, and the op gets a device
+        # copy made without waiting for the GPU (a plain torch.tensor(..., device='cuda') or a .tolist() would).
+        shapes = [tuple(s.shape[-2:]) for s in srcs]
+        levels = torch.tensor([[h, w, sum(a * b for a, b in shapes[:lvl])] for lvl, (h, w) in enumerate(shapes)])
+        if src.is_cuda:
+            levels = levels.pin_memory().to(src.device, non_blocking=True)
+        spatial_shapes, level_start_index = levels[:, :2].contiguous(), levels[:, 2].contiguous()
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
-        reference = encoder_reference_points(spatial_shapes, ratios)
+        reference = encoder_reference_points(shapes, ratios)
         for layer in self.encoder:
             src = layer(src, pos, reference, spatial_shapes, level_start_index, mask_flat)
         return src, mask_flat, spatial_shapes, level_start_index, ratios
 
-    def select_queries(self, memory, mask_flat, spatial_shapes, text_unit):
+    def select_queries(self, memory, mask_flat, shapes, text_unit):
         """
         Mixed query selection: anchors from the K encoder tokens with the highest class score, learned content.
-        memory: (B, S, d) -> content (B, K, d), anchors (B, K, 4) logit space detached,
-        encoder outputs {'pred_logits' (B, K, C), 'pred_boxes' (B, K, 4)} for the two-stage loss.
+        memory: (B, S, d); shapes: the L levels' (H_l, W_l) as ints -> content (B, K, d), anchors (B, K, 4) logit
+        space detached, encoder outputs {'pred_logits' (B, K, C), 'pred_boxes' (B, K, 4)} for the two-stage loss.
         """
-        proposals, valid = encoder_proposals(mask_flat, spatial_shapes)
+        proposals, valid = encoder_proposals(mask_flat, shapes)
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
         logits = self.enc_class_head(memory, text_unit)
         anchors = fp32(self.enc_bbox_head(memory)) + proposals
@@ -524,7 +530,7 @@ class RichSem(nn.Module):
         text_unit = F.normalize(self.text_embed, dim=-1)
         srcs, masks = self.multiscale_features(images, mask)
         memory, mask_flat, spatial_shapes, level_start_index, ratios = self.encode(srcs, masks)
-        tgt, anchors, enc_outputs = self.select_queries(memory, mask_flat, spatial_shapes, text_unit)
+        tgt, anchors, enc_outputs = self.select_queries(memory, mask_flat, [s.shape[-2:] for s in srcs], text_unit)
 
         dn = None
         if self.training and targets is not None:

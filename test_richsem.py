@@ -405,7 +405,7 @@ def test_sine_embed_boxes_order():
 def test_encoder_proposals_hand_case():
     mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     mask[:, :, 3] = True  # valid width 3, height 4
-    props, valid = model.encoder_proposals(mask.flatten(1), torch.tensor([[4, 4]]))
+    props, valid = model.encoder_proposals(mask.flatten(1), [(4, 4)])
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     np.testing.assert_allclose(props[0, 0].numpy(), [logit(0.5 / 3), logit(0.5 / 4), logit(0.05), logit(0.05)],
                                rtol=1e-5)
@@ -523,7 +523,7 @@ def test_refinement_detaches_reference_but_not_prediction_path(tiny):
     text_unit = torch.nn.functional.normalize(tiny.text_embed, dim=-1)
     srcs, masks = tiny.multiscale_features(images, mask)
     memory, mask_flat, shapes, start, ratios = tiny.encode(srcs, masks)
-    tgt, anchors, _ = tiny.select_queries(memory, mask_flat, shapes, text_unit)
+    tgt, anchors, _ = tiny.select_queries(memory, mask_flat, [s.shape[-2:] for s in srcs], text_unit)
     assert not anchors.requires_grad  # anchors are detached from the encoder's box head
     hs, refs = tiny.decode(tgt, anchors, memory, mask_flat, shapes, start, ratios, None)
     assert len(refs) == len(hs) + 1 and refs[1].requires_grad  # look forward twice: refs[1] keeps its graph
@@ -592,6 +592,18 @@ def test_heads_of_all_layers_at_once_equal_each_layer_alone():
         torch.testing.assert_close(layers[i]['pred_logits'], logits[:, n_dn:], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(layers[i]['pred_boxes'], boxes[:, n_dn:], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out['dn_outputs'][i]['pred_boxes'], boxes[:, :n_dn], rtol=1e-10, atol=1e-10)
+
+
+@needs_cuda
+def test_model_on_gpu_equals_cpu_in_float64():
+    """The GPU path (the CUDA op, level sizes copied to the device without a sync) against the CPU path (reference)."""
+    net = _tiny().double().eval()
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        cpu = net(images.double(), mask)
+        gpu = net.cuda()(images.double().cuda(), mask.cuda())
+    for k in ('pred_logits', 'pred_boxes'):
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-8, atol=1e-8)
 
 # ----------------------------------------------------------------------------------------------------------------
 # losses.py: matcher and criterion
