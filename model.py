@@ -67,9 +67,10 @@ def load_backbone_weights(net, path):
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     """
     torchvision's frozen BatchNorm with its scale and shift computed once instead of at every call: y = x * scale +
-    shift is one kernel instead of seven, and a ResNet-50 has 53 of these norms in a launch-bound step. The cache
-    is keyed on the buffers' storage and in-place version counters, so .to(), load_state_dict and in-place edits
-    all refresh it. x: (B, C, H, W) -> (B, C, H, W), in fp32 under autocast as torchvision's.
+    shift is one kernel (two under autocast, which first casts a bf16 x to fp32) instead of seven, and a ResNet-50
+    has 53 of these norms in a launch-bound step. The cache is keyed on the buffers' storage and in-place version
+    counters, so .to(), load_state_dict and in-place edits all refresh it.
+    x: (B, C, H, W) -> (B, C, H, W), in fp32 under autocast as torchvision's.
     """
 
     def affine(self):
