@@ -1,26 +1,23 @@
 """
 Benchmarks that print a table (not tests). On a GPU:
 
-    python bench.py msda [--orig_src DIR]   deformable-attention op: forward, forward+backward and peak memory at
-                                            DINO's encoder and decoder shapes (batch 2 at 800x1333). DIR: a copy of
-                                            fundamentalvision/Deformable-DETR models/ops patched to compile on the
-                                            current torch, built here for the side-by-side row (never part of richsem)
-    python bench.py step [--official DIR]   a full training step on a synthetic batch (2 images of 800x1333, 12 GT
-                                            each, or 150 + 12): ours is train.train_step itself, in fp32, bf16, and
-                                            bf16 with the CLIP RN50 teacher and the semantic branch. DIR: a checkout of
-                                            IDEA-Research/DINO, its models/dino/ops patched to compile, for the official
-                                            step in fp32 and with --amp, in this process (never part of richsem)
-    python bench.py step --profile [--teacher]
-                                            torch.profiler over bf16 steps of ours: the top GPU ops, and the step time
-                                            split into its parts (GPU kernels launched in each part, GPU idle time
-                                            while the CPU was in it)
-    python bench.py eval                    inference images/s (evaluate.predict: batch 1 at 800x1333, bf16, top 300)
-                                            and LVISEval seconds (evaluate.lvis_evaluate) on a generated LVIS-format
-                                            val set of 5,000 images with 300 detections each
+python bench.py msda [--orig_src DIR]
+    The deformable-attention op: forward, forward+backward and peak memory at DINO's encoder and decoder shapes
+    (batch 2 at 800x1333). DIR: fundamentalvision/Deformable-DETR's models/ops patched to compile, side by side.
+python bench.py step [--official DIR]
+    A full training step on a synthetic batch (2 images of 800x1333, 12 GT each, or 150 + 12): ours is train.train_step
+    itself, in fp32, bf16, and bf16 with the CLIP RN50 teacher and the semantic branch. DIR: IDEA-Research/DINO, its
+    op patched to compile, stepped as its engine.py does (fp32 and --amp) in this process. Neither DIR is part of
+    richsem.
+python bench.py step --profile [--teacher]
+    torch.profiler over bf16 steps of ours: the top GPU ops, and the step split into its parts (GPU kernels launched
+    in each part, GPU idle time while the CPU was in it).
+python bench.py eval
+    Inference images/s (evaluate.predict: batch 1 at 800x1333, bf16, top 300) and LVISEval seconds
+    (evaluate.lvis_evaluate) on a generated LVIS-format val set of 5,000 images with 300 detections each.
 
-Smoke runs on the CPU, numbers meaningless (.scratch/cpu_official_smoke.py does the same for --official):
-    python bench.py step --device cpu --image_size 256 320 --warmup 1 --steps 2 [--profile]
-    python bench.py eval --device cpu --image_size 256 320 --infer_images 2 --eval_images 200
+CPU smoke runs, numbers meaningless: add --device cpu --image_size 256 320 --warmup 1 --steps 2 (step), or
+--device cpu --image_size 256 320 --infer_images 2 --eval_images 200 (eval).
 """
 import argparse
 import gc
