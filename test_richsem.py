@@ -2017,6 +2017,12 @@ def test_args_toy_defaults_and_conflicts():
         (1e-4, 1e-5, 1e-4, 0.1, 12, 11, 2, 0.5, 'RN50', 'r50', 900)
     with pytest.raises(SystemExit):
         train.get_args(['--unlabeled_extra', '--no_extra'])
+    # the toy's CPU run is cut short (the GPU schedule would take hours there); the paper's runs and explicit
+    # settings are not
+    assert train.get_args(['--dataset', 'toy', '--device', 'cpu']).max_iters == train.TOY_CPU_ITERS
+    assert train.get_args(['--dataset', 'toy', '--device', 'cuda']).max_iters is None
+    assert train.get_args(['--dataset', 'toy', '--device', 'cpu', '--max_iters', '7']).max_iters == 7
+    assert train.get_args(['--device', 'cpu']).max_iters is None
 
 
 def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
