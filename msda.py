@@ -95,29 +95,55 @@ def load_op(verbose=False):
     return _op
 
 
-class _MSDeformAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _op.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+# The CUDA op as a torch.library custom op: eager autograd works as with an autograd.Function, and torch.compile
+# (train.py --compile) sees one opaque node with a known output shape instead of breaking its graph at an extension
+# call. The kernels are looked up at call time, so importing this file never builds anything.
+@torch.library.custom_op("richsem::msda_forward", mutates_args=(), device_types="cuda")
+def _forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+             sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    return _op.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = _op.backward(value, spatial_shapes, level_start_index, sampling_locations,
-                                                       attention_weights, grad_output.contiguous())
-        return grad_value, None, None, grad_loc, grad_attn
+
+@_forward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, _, M, D = value.shape
+    return value.new_empty(N, sampling_locations.shape[1], M * D)
+
+
+@torch.library.custom_op("richsem::msda_backward", mutates_args=(), device_types="cuda")
+def _backward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+              sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+              grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_value, grad_loc, grad_attn = _op.backward(value, spatial_shapes, level_start_index, sampling_locations,
+                                                   attention_weights, grad_output.contiguous())
+    return grad_value, grad_loc, grad_attn
+
+
+@_backward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grads(ctx, grad_output):
+    grad_value, grad_loc, grad_attn = _backward(*ctx.saved_tensors, grad_output)
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+_forward.register_autograd(_grads, setup_context=_save_inputs)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Same arguments and result as ms_deform_attn_reference; the CUDA op when the tensors are on a GPU."""
-    if value.is_cuda and load_op() is not None:
+    # `_op is not None` first: under torch.compile the built op is then a constant and load_op is never traced.
+    if value.is_cuda and (_op is not None or load_op() is not None):
         # Locations and weights stay fp32 even under autocast: an fp16/bf16 location is off by up to a pixel on
         # large maps. The kernel reads value in its own dtype and accumulates in fp32.
         dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
         sampling_locations, attention_weights = sampling_locations.to(dtype), attention_weights.to(dtype)
-        return _MSDeformAttnFunction.apply(value.contiguous(), spatial_shapes.contiguous(),
-                                           level_start_index.contiguous(), sampling_locations.contiguous(),
-                                           attention_weights.contiguous())
+        return _forward(value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                        sampling_locations.contiguous(), attention_weights.contiguous())
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
