@@ -493,11 +493,14 @@ class RichSem(nn.Module):
         """
         proposals, valid = encoder_proposals(mask_flat, shapes)
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
-        logits = self.enc_class_head(memory, text_unit)
-        anchors = fp32(self.enc_bbox_head(memory)) + proposals
-        top = logits.max(-1).values.topk(self.num_queries, dim=1).indices
-        anchors = gather_rows(anchors, top)
-        enc_outputs = {'pred_logits': gather_rows(logits, top), 'pred_boxes': anchors.sigmoid()}
+        # The choice has no gradient: score every token without autograd, then run the heads again on the K chosen
+        # only. Same values and gradients as heads over all S tokens then gathered, without (B, S, C) logits and
+        # their (B, S, C) gradient in memory (0.2 GB each at 800x1333 and 1203 classes).
+        with torch.no_grad():
+            top = self.enc_class_head(memory, text_unit).max(-1).values.topk(self.num_queries, dim=1).indices
+        memory = gather_rows(memory, top)
+        anchors = fp32(self.enc_bbox_head(memory)) + gather_rows(proposals, top)
+        enc_outputs = {'pred_logits': self.enc_class_head(memory, text_unit), 'pred_boxes': anchors.sigmoid()}
         content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
         return content, anchors.detach(), enc_outputs
 

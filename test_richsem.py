@@ -594,6 +594,35 @@ def test_heads_of_all_layers_at_once_equal_each_layer_alone():
         torch.testing.assert_close(out['dn_outputs'][i]['pred_boxes'], boxes[:, :n_dn], rtol=1e-10, atol=1e-10)
 
 
+def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
+    """select_queries runs the encoder heads on the K chosen tokens only; the formula (heads on every token, then
+    gathered, as DINO) must give the same outputs and gradients, in float64."""
+    net = _tiny().double().train()
+    images, mask, _ = _batch()
+    text_unit = F.normalize(net.text_embed, dim=-1)
+    srcs, masks = net.multiscale_features(images.double(), mask)
+    memory = net.encode(srcs, masks)[0].detach().requires_grad_(True)
+    mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
+    shapes = [s.shape[-2:] for s in srcs]
+    _, anchors, enc = net.select_queries(memory, mask_flat, shapes, text_unit)
+    params = [memory] + list(net.enc_output.parameters()) + list(net.enc_class_head.parameters()) + \
+        list(net.enc_bbox_head.parameters())
+    ours = torch.autograd.grad((enc['pred_logits'] ** 2).sum() + (enc['pred_boxes'] ** 3).sum(), params)
+
+    proposals, valid = model.encoder_proposals(mask_flat, shapes)
+    h = net.enc_output_norm(net.enc_output(memory.masked_fill(~valid, 0.0)))
+    logits = 100 * F.normalize(net.enc_class_head.proj(h), dim=-1) @ text_unit.T  # (B, S, C)
+    boxes = net.enc_bbox_head(h) + proposals
+    top = logits.max(-1).values.topk(net.num_queries, dim=1).indices
+    logits = torch.stack([logits[b, top[b]] for b in range(len(top))])
+    boxes = torch.stack([boxes[b, top[b]] for b in range(len(top))])
+    torch.testing.assert_close(enc['pred_logits'], logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(anchors, boxes.detach(), rtol=1e-10, atol=1e-10)
+    theirs = torch.autograd.grad((logits ** 2).sum() + (boxes.sigmoid() ** 3).sum(), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @needs_cuda
 def test_model_on_gpu_equals_cpu_in_float64():
     """The GPU path (the CUDA op, level sizes copied to the device without a sync) against the CPU path (reference)."""
