@@ -118,6 +118,11 @@ class ClipTeacher(nn.Module):
 
     # ---- image side ----
 
+    def compile_blocks(self):
+        """torch.compile the image tower in place (train.py --compile on GPUs): its batch-norms and ReLUs fuse, which
+        matters once the detector's own step is compiled and no longer hides the teacher's kernels in launch gaps."""
+        self.c5_features = torch.compile(self.c5_features)
+
     def c5_features(self, x):
         """x: (B, 3, H, W) CLIP-normalised -> (B, width*32, H/32, W/32), the tower up to layer4 (no pooling)."""
         v = self.model.visual

@@ -190,6 +190,12 @@ class SetCriterion(nn.Module):
         self.alpha, self.gamma = alpha, gamma
         self.matcher = matcher if matcher is not None else HungarianMatcher(alpha=alpha, gamma=gamma)
 
+    def compile_blocks(self):
+        """torch.compile the loss arithmetic, in place: the cost matrices and the losses of stacked layers, with
+        dynamic shapes (the GT count changes every batch). The Hungarian solver stays on the CPU between them."""
+        self.matcher.cost_matrix = torch.compile(self.matcher.cost_matrix, dynamic=True)
+        self.layer_losses = torch.compile(self.layer_losses, dynamic=True)
+
     def loss_ce(self, logits, pairs, labels, batch_labels):
         """Federated sigmoid focal loss, a fresh class sample per layer. logits: (K, B, Q, C) of K layers;
         pairs: (layer, batch, query) (M,) each, the queries assigned to a GT; labels: (M,) their GT labels;

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision
 
 from losses import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from msda import ms_deform_attn
+from msda import load_op, ms_deform_attn
 
 
 def fp32(x):
@@ -84,6 +84,8 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         return self._affine_cache
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # traced (RichSem.compile_blocks): the formula fuses into its neighbours
+            return super().forward(x)
         scale, shift = self.affine()
         return torch.addcmul(shift, x, scale)
 
@@ -451,6 +453,21 @@ class RichSem(nn.Module):
         if self.semantic_branch is not None:  # starts as the classifier and is pulled towards the teacher
             self.semantic_branch.proj.weight = nn.Parameter(self.class_head.proj.weight.detach().clone())
         nn.init.normal_(self.label_proj.weight, std=embed_dim ** -0.5)
+
+    def compile_blocks(self):
+        """
+        torch.compile the parts whose Python control flow is fixed, in place (state dict keys unchanged): the
+        backbone, the input projections, every encoder layer, query selection and the whole decoder loop. A step is
+        launch-bound (thousands of small kernels); compiled, each part runs as a few fused kernels forward and
+        backward. Denoising and the heads stay eager. Shapes are dynamic after the first new image size, so there are
+        two compilations per mode (train, eval): about a minute at the first step and another at the first new size.
+        """
+        if self.level_embed.is_cuda:
+            load_op()  # built now, so that tracing sees the op and not its build
+        for block in (self.backbone, *self.input_proj, *self.encoder):
+            block.compile()
+        self.select_queries = torch.compile(self.select_queries)
+        self.decode = torch.compile(self.decode)
 
     def multiscale_features(self, images, mask):
         """images: (B, 3, H, W), mask: (B, H, W) -> L maps (B, d, H_l, W_l) and their masks (B, H_l, W_l)."""

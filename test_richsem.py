@@ -623,6 +623,52 @@ def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
+def test_compiled_blocks_equal_eager(device):
+    """train.py --compile (the default on GPUs): RichSem.compile_blocks and SetCriterion.compile_blocks must not change
+    outputs, losses or gradients, in float64. On the GPU the op is a torch.library custom op inside the graphs."""
+    import copy
+    images, mask, targets = _batch()
+    eager, images, mask = _tiny().double().train().to(device), images.double().to(device), mask.to(device)
+    # At the init, many sampling points lie exactly on pixel centres (integer offsets from pixel-centre references),
+    # where bilinear sampling has no derivative and two correct implementations may take either side: move them off.
+    with torch.no_grad():
+        for m in eager.modules():
+            if isinstance(m, MSDeformAttn):
+                m.sampling_offsets.bias.add_(torch.rand_like(m.sampling_offsets.bias) * 0.4 + 0.05)
+    targets = [{k: (v.double() if v.is_floating_point() else v).to(device) for k, v in t.items()} for t in targets]
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    counts = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    crit_eager, crit_compiled = (SetCriterion(C, counts, fed_num_classes=C).to(device) for _ in range(2))
+    crit_compiled.compile_blocks()  # with fed_num_classes = C the federated sample is every class: no random draw
+
+    def step(net, crit):
+        torch.manual_seed(0)  # DN noise
+        out = net(images, mask, [dict(t) for t in targets])
+        losses = crit(out, [dict(t, teacher_logits=torch.randn(len(t['labels']), C, dtype=torch.float64,
+                                                               device=device)) for t in targets])
+        net.zero_grad()
+        sum(losses.values()).backward()
+        return out, losses, {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    out_e, losses_e, grads_e = step(eager, crit_eager)
+    for _ in range(2):  # the second call runs the cached graphs
+        out_c, losses_c, grads_c = step(compiled, crit_compiled)
+        torch.testing.assert_close(out_c['pred_boxes'], out_e['pred_boxes'], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_c['pred_logits'], out_e['pred_logits'], rtol=1e-5, atol=1e-5)
+        assert losses_c.keys() == losses_e.keys()
+        for k in losses_e:
+            torch.testing.assert_close(losses_c[k], losses_e[k], rtol=1e-5, atol=1e-5)
+        assert grads_c.keys() == grads_e.keys()
+        # Not float64-exact: fused kernels reorder sums, and some constants (sine embedding frequencies) are float32
+        # tensors that a fused kernel may compute in float64. A wrong graph (a lost detach, say) errs by far more.
+        for k in grads_e:
+            torch.testing.assert_close(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-6 * grads_e[k].abs().max().item(),
+                                       msg=lambda m: f'{k}: {m}')
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints keep their keys
+
+
 @needs_cuda
 def test_model_on_gpu_equals_cpu_in_float64():
     """The GPU path (the CUDA op, level sizes copied to the device without a sync) against the CPU path (reference)."""
