@@ -10,9 +10,8 @@ text embeddings, plus a training-only semantic branch that the CLIP teacher dist
 Boxes are normalised cxcywh in [0, 1] of the unpadded image; masks are True at padding.
 Box arithmetic (sigmoid, inverse sigmoid, refinement, proposals) runs in fp32 so that bf16 autocast is safe.
 
-Checkpoints: the semantic branch (keys 'semantic_branch.*') exists only for training. To evaluate a checkpoint in
-a model built with semantic_branch=False, drop those keys first (or load with strict=False and check that the only
-unexpected keys start with 'semantic_branch.'). The text embedding is a buffer, so checkpoints carry it.
+Checkpoints: the semantic branch (keys 'semantic_branch.*') is for training only; a model built without it loads a
+checkpoint with those keys dropped. The text embedding is a buffer, so checkpoints carry it.
 """
 
 import math
@@ -66,10 +65,9 @@ def load_backbone_weights(net, path):
 
 class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     """
-    torchvision's frozen BatchNorm with its scale and shift computed once instead of at every call: y = x * scale +
-    shift is one kernel (two under autocast, which first casts a bf16 x to fp32) instead of seven, and a ResNet-50
-    has 53 of these norms in a launch-bound step. The cache is keyed on the buffers' storage and in-place version
-    counters, so .to(), load_state_dict and in-place edits all refresh it.
+    torchvision's frozen BatchNorm with scale and shift computed once, not at every call: one kernel instead of seven
+    (two under autocast, which casts a bf16 x to fp32), for each of a ResNet-50's 53 norms. The cache is keyed on the
+    buffers' storage and version counters, so .to(), load_state_dict and in-place edits refresh it.
     x: (B, C, H, W) -> (B, C, H, W), in fp32 under autocast as torchvision's.
     """
 
@@ -455,13 +453,10 @@ class RichSem(nn.Module):
         nn.init.normal_(self.label_proj.weight, std=embed_dim ** -0.5)
 
     def compile_blocks(self):
-        """
-        torch.compile the parts whose Python control flow is fixed, in place (state dict keys unchanged): the
-        backbone, the input projections, every encoder layer, query selection and the whole decoder loop. A step is
-        launch-bound (thousands of small kernels); compiled, each part runs as a few fused kernels forward and
-        backward. Denoising and the heads stay eager. Shapes are dynamic after the first new image size, so there are
-        two compilations per mode (train, eval): about a minute at the first step and another at the first new size.
-        """
+        """torch.compile in place (state dict keys unchanged) the parts with fixed control flow: backbone, input
+        projections, encoder layers, query selection, the decoder loop. The launch-bound step's thousands of small
+        kernels become a few fused ones; denoising and the heads stay eager. Compiles at the first step and once more,
+        with dynamic shapes, at the first new image size (a minute or two each), per mode (train, eval)."""
         if self.level_embed.is_cuda:
             load_op()  # built now, so that tracing sees the op and not its build
         for block in (self.backbone, *self.input_proj, *self.encoder):
@@ -489,8 +484,7 @@ class RichSem(nn.Module):
                          for lvl, m in enumerate(masks)], 1)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
-        # The level sizes are known here on the host: the geometry below uses these ints, and the op gets a device
-        # copy made without waiting for the GPU (a plain torch.tensor(..., device='cuda') or a .tolist() would).
+        # Level sizes as host ints for the geometry; the op's device copy is made without waiting for the GPU.
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         levels = torch.tensor([[h, w, sum(a * b for a, b in shapes[:lvl])] for lvl, (h, w) in enumerate(shapes)])
         if src.is_cuda:
@@ -510,9 +504,8 @@ class RichSem(nn.Module):
         """
         proposals, valid = encoder_proposals(mask_flat, shapes)
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
-        # The choice has no gradient: score every token without autograd, then run the heads again on the K chosen
-        # only. Same values and gradients as heads over all S tokens then gathered, without (B, S, C) logits and
-        # their (B, S, C) gradient in memory (0.2 GB each at 800x1333 and 1203 classes).
+        # The choice has no gradient: score all tokens without autograd, then run the heads on the K chosen. Same
+        # values and gradients as heads on all S then gathered, without (B, S, C) logits and gradient (0.2 GB each).
         with torch.no_grad():
             top = self.enc_class_head(memory, text_unit).max(-1).values.topk(self.num_queries, dim=1).indices
         memory = gather_rows(memory, top)
