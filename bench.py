@@ -7,9 +7,8 @@ python bench.py msda [--orig_src DIR]
 python bench.py step [--official DIR]
     A full training step on a synthetic batch (2 images of 800x1333, 12 GT each, or 150 + 12): ours is train.train_step
     itself, compiled as train.py does, in bf16, bf16 with the CLIP RN50 teacher and the semantic branch, bf16 without
-    compiling, and fp32. DIR: IDEA-Research/DINO, its
-    op patched to compile, stepped as its engine.py does (fp32 and --amp) in this process. Neither DIR is part of
-    richsem.
+    compiling, and fp32. DIR: IDEA-Research/DINO, its op patched to compile, stepped as its engine.py does (fp32 and
+    --amp) in this process. Neither DIR is part of richsem.
 python bench.py step --profile [--teacher]
     torch.profiler over bf16 steps of ours: the top GPU ops, and the step split into its parts (GPU kernels launched
     in each part, GPU idle time while the CPU was in it).
