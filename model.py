@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.checkpoint import checkpoint
 
 from losses import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from msda import load_op, ms_deform_attn
@@ -227,7 +228,13 @@ class EncoderLayer(nn.Module):
     def forward(self, src, pos, reference, spatial_shapes, level_start_index, mask):
         """src, pos: (B, S, d); reference: (B, S, L, 2); mask: (B, S) -> (B, S, d)."""
         src = self.norm1(src + self.self_attn(src + pos, reference, src, spatial_shapes, level_start_index, mask))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        # The FFN's (B, S, 2048) hidden is the step's largest activation (0.18 GB per layer at 800x1333 in bf16):
+        # backward recomputes it from src instead of keeping it, for one extra matmul.
+        ffn = checkpoint(self.ffn, src, use_reentrant=False) if torch.is_grad_enabled() else self.ffn(src)
+        return self.norm2(src + ffn)
+
+    def ffn(self, x):
+        return self.linear2(F.relu(self.linear1(x)))
 
 
 class DecoderLayer(nn.Module):
