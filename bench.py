@@ -4,7 +4,7 @@ Benchmarks that print a table (not tests). On a GPU:
 python bench.py msda [--orig_src DIR]
     The deformable-attention op: forward, forward+backward and peak memory at DINO's encoder and decoder shapes
     (batch 2 at 800x1333). DIR: fundamentalvision/Deformable-DETR's models/ops patched to compile, side by side.
-python bench.py step [--official DIR]
+python bench.py step [--official DIR] [--rows official bf16 teacher eager fp32]
     A full training step on a synthetic batch (2 images of 800x1333, 12 GT each, or 150 + 12): ours is train.train_step
     itself, compiled as train.py does, in bf16, bf16 with the CLIP RN50 teacher and the semantic branch, bf16 without
     compiling, and fp32. DIR: IDEA-Research/DINO, its op patched to compile, stepped as its engine.py does (fp32 and
@@ -286,18 +286,20 @@ def free_memory():
 OFFICIAL, OFFICIAL_AMP, BF16, TEACHER = ('official DINO fp32', 'official DINO --amp (fp16)', 'ours bf16',
                                          'ours bf16 + CLIP RN50 teacher + semantic branch')
 EAGER = 'ours bf16, --no-compile'
+ROWS = ['official', 'bf16', 'teacher', 'eager', 'fp32']
 
 
 def bench_step(args):
     device = torch.device(args.device)
     cases = {'12+12 GT': (12, 12), '150+12 GT': (150, 12)}
     batches = {case: synthetic_batch(args.image_size, counts, args.num_classes) for case, counts in cases.items()}
-    # (name, kind, amp, teacher, compile); rows of one model follow each other: a model compiles once per mode
-    impls = [(BF16, 'ours', True, False, True), (TEACHER, 'ours', True, True, True), (EAGER, 'ours', True, False, False),
-             ('ours fp32', 'ours', False, False, True)]
-    if args.official:  # first: the reference rows are the ones that must not be lost to a time limit
-        impls = [(OFFICIAL, 'official', False, None, False), (OFFICIAL_AMP, 'official', True, None, False)] + impls
-    impls = [i for i in impls if args.only in (None, i[1])]
+    # (--rows key, name, kind, amp, teacher, compile); rows of one model follow each other: it compiles once per mode.
+    # The official rows come first: the reference is the one that must not be lost to a time limit.
+    impls = [('official', OFFICIAL, 'official', False, None, False),
+             ('official', OFFICIAL_AMP, 'official', True, None, False),
+             ('bf16', BF16, 'ours', True, False, True), ('teacher', TEACHER, 'ours', True, True, True),
+             ('eager', EAGER, 'ours', True, False, False), ('fp32', 'ours fp32', 'ours', False, False, True)]
+    impls = [i[1:] for i in impls if i[0] in args.rows and (i[2] == 'ours' or args.official)]
     rows, notes, built = {}, [], {}
     for name, kind, amp, teacher, compile in impls:
         amp = amp and device.type == 'cuda'  # as train.py: autocast on the GPU only
@@ -602,7 +604,8 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["msda", "step", "eval"])
     parser.add_argument("--orig_src", default=None, help="msda: patched copy of Deformable-DETR's models/ops")
     parser.add_argument("--official", default=None, help="step: IDEA-Research/DINO checkout, its op patched to compile")
-    parser.add_argument("--only", choices=["ours", "official"], help="step: only its rows")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS,
+                        help="step: these rows only (each compile takes minutes; 'official' needs --official)")
     parser.add_argument("--profile", action="store_true", help="step: profile ours (bf16) instead of the table")
     parser.add_argument("--teacher", action="store_true", help="step --profile: with the teacher and semantic branch")
     parser.add_argument("--trace", default=None, help="step --profile: keep the chrome trace at this path")
