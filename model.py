@@ -234,6 +234,7 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + ffn)
 
     def ffn(self, x):
+        """x: (B, S, d) -> (B, S, d)"""
         return self.linear2(F.relu(self.linear1(x)))
 
 
