@@ -190,9 +190,7 @@ def ours_setup(args, device, teacher, compile=True):
     criterion = SetCriterion(args.num_classes, counts.float() ** 0.5, lambda_soft=targs.lambda_soft).to(device)
     optimizer, params = train.build_optimizer(targs, model, device)
     if targs.compile and device.type == 'cuda':  # as train.py
-        for part in (model, criterion, clip):
-            if part is not None:
-                part.compile_blocks()
+        train.compile_blocks(device, model, criterion, clip)
     text_embed = text_embed.to(device)
 
     def make_step(batch, amp):

@@ -625,7 +625,7 @@ def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
 def test_compiled_blocks_equal_eager(device):
-    """train.py --compile (the default on GPUs): RichSem.compile_blocks and SetCriterion.compile_blocks must not change
+    """train.py --compile (the default on GPUs): train.compile_blocks of the model and the criterion must not change
     outputs, losses or gradients, in float64. On the GPU the op is a torch.library custom op inside the graphs."""
     import copy
     images, mask, targets = _batch()
@@ -638,10 +638,10 @@ def test_compiled_blocks_equal_eager(device):
                 m.sampling_offsets.bias.add_(torch.rand_like(m.sampling_offsets.bias) * 0.4 + 0.05)
     targets = [{k: (v.double() if v.is_floating_point() else v).to(device) for k, v in t.items()} for t in targets]
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
     counts = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    # with fed_num_classes = C the federated sample is every class: no random draw
     crit_eager, crit_compiled = (SetCriterion(C, counts, fed_num_classes=C).to(device) for _ in range(2))
-    crit_compiled.compile_blocks()  # with fed_num_classes = C the federated sample is every class: no random draw
+    train.compile_blocks(torch.device(device), compiled, crit_compiled)  # as train.py: C++ wrappers on the GPU
 
     def step(net, crit):
         torch.manual_seed(0)  # DN noise
