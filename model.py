@@ -463,8 +463,8 @@ class RichSem(nn.Module):
     def compile_blocks(self):
         """torch.compile in place (state dict keys unchanged) the parts with fixed control flow: backbone, input
         projections, encoder layers, query selection, the decoder loop. The launch-bound step's thousands of small
-        kernels become a few fused ones; denoising and the heads stay eager. Compiles at the first step and once more,
-        with dynamic shapes, at the first new image size (a minute or two each), per mode (train, eval)."""
+        kernels become a few fused ones; denoising and the heads stay eager. Compiles at the first step and again, with
+        dynamic shapes, when new shapes first come (minutes each with train.compile_blocks), per mode (train, eval)."""
         if self.level_embed.is_cuda:
             load_op()  # built now, so that tracing sees the op and not its build
         for block in (self.backbone, *self.input_proj, *self.encoder):

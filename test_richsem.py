@@ -624,7 +624,7 @@ def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
 
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
-def test_compiled_blocks_equal_eager(device):
+def test_compiled_blocks_equal_eager(device, monkeypatch):
     """train.py --compile (the default on GPUs): train.compile_blocks of the model and the criterion must not change
     outputs, losses or gradients, in float64. On the GPU the op is a torch.library custom op inside the graphs."""
     import copy
@@ -641,7 +641,9 @@ def test_compiled_blocks_equal_eager(device):
     counts = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     # with fed_num_classes = C the federated sample is every class: no random draw
     crit_eager, crit_compiled = (SetCriterion(C, counts, fed_num_classes=C).to(device) for _ in range(2))
-    train.compile_blocks(torch.device(device), compiled, crit_compiled)  # as train.py: C++ wrappers on the GPU
+    # as train.py: C++ wrappers on the GPU, a process-wide inductor setting that the monkeypatch restores afterwards
+    monkeypatch.setattr(torch._inductor.config, 'cpp_wrapper', torch._inductor.config.cpp_wrapper)
+    train.compile_blocks(torch.device(device), compiled, crit_compiled)
 
     def step(net, crit):
         torch.manual_seed(0)  # DN noise

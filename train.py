@@ -12,8 +12,9 @@ LVIS v1 + ImageNet-LVIS, the paper's R50 1x schedule, 8 GPUs of one node (batch 
     data/lvis:             lvis_v1_train.json, lvis_v1_val.json, train2017/, val2017/ (COCO images)
     data/imagenet-lvis:    imagenet_lvis_image_info.json, images/ (Detic's INet-LVIS)
 On GPUs the detector's blocks, the loss arithmetic and the teacher's tower are torch.compile'd (--no-compile: eager):
-1.1-1.5x faster steps on an H100 (bench.py step), for a minute or two of compiling at the first step and again at the
-first new image size.
+on an H100 75-95 ms per bf16 step instead of 146-154 (bench.py step), for ~5 minutes of compiling at the first step
+and 2-5 more at each of the first two batches that bring new shapes (then the graphs serve every size): a day-long run
+gains hours, a short experiment may be faster with --no-compile.
 Resume where the run in --out_dir stopped (same epoch, iteration, optimizer and sampler state; add the same flags):
     torchrun --standalone --nproc_per_node 8 train.py ... --resume auto
 The paper's ablations (Table 3, R50 1x), each one flag on top of the command above:
@@ -262,7 +263,9 @@ class NonFiniteLoss(Exception):
 def compile_blocks(device, *parts):
     """torch.compile in place the blocks of each part (model, criterion, teacher; None is skipped), as --compile does.
     On the GPU the compiled step is bound by launching kernels, not by running them (on an H100 it takes as long at
-    320x320 as at 800x1333), so inductor writes its kernel-launching wrappers in C++: 106-120 -> 86 ms per step."""
+    320x320 as at 800x1333), so inductor writes its kernel-launching wrappers in C++: 106-120 -> 86 ms per step.
+    Set for the whole process: given as torch.compile(options=...) instead, the backward graphs fail to build (torch
+    2.11: "CudaKernelParamCache not populated")."""
     if device.type == 'cuda':
         torch._inductor.config.cpp_wrapper = True
     for part in parts:
