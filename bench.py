@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import msda
+from model import encoder_reference_points
 
 # DINO-4scale at 800x1333: strides 8, 16, 32, 64
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -69,14 +70,19 @@ def time_steps(step, warmup, steps, device):
 # msda: the op alone
 
 def msda_problem(Lq, N=2, M=8, D=32, P=4, seed=0):
-    """Realistic inputs: each query samples around its own position (as in the encoder), offsets of a few pixels."""
+    """Realistic inputs: each query samples a few pixels around its reference point. With Lq = S (the encoder) query
+    s's reference is token s's own pixel centre, as in DINO, so neighbouring queries sample neighbouring pixels (which
+    sets how often the backward's atomics collide); otherwise (decoder queries: boxes) references are random."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     shapes = torch.tensor(LEVELS, device="cuda")
     starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     S = int((shapes[:, 0] * shapes[:, 1]).sum())
     L = len(LEVELS)
     value = torch.randn(N, S, M, D, device="cuda", generator=g)
-    ref = torch.rand(N, Lq, 1, 1, 1, 2, device="cuda", generator=g)
+    if Lq == S:
+        ref = encoder_reference_points(LEVELS, torch.ones(N, L, 2, device="cuda"))[:, :, None, :, None]
+    else:
+        ref = torch.rand(N, Lq, 1, 1, 1, 2, device="cuda", generator=g)
     wh = shapes.flip(-1).view(1, 1, 1, L, 1, 2).float()
     loc = ref + torch.randn(N, Lq, M, L, P, 2, device="cuda", generator=g) * 2 / wh
     attn = torch.randn(N, Lq, M, L * P, device="cuda", generator=g).softmax(-1).view(N, Lq, M, L, P)
