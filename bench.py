@@ -442,8 +442,13 @@ def bench_profile(args):
                            ('select_queries', 'query_selection'), ('decode', 'decoder')):
         setattr(model, method, labelled(region, getattr(model, method)))
     criterion.matcher.forward = labelled('matching', criterion.matcher.forward)
-    step = make_step(synthetic_batch(args.image_size, (12, 12), args.num_classes), device.type == 'cuda')
-    ms = time_steps(step, args.warmup, args.steps, device)[0]
+    amp = device.type == 'cuda'
+    step = make_step(synthetic_batch(args.image_size, (12, 12), args.num_classes), amp)
+    resized = make_step(synthetic_batch([s - 64 for s in args.image_size], (12, 12), args.num_classes, seed=1), amp)
+    for warm in (step, resized):  # as bench step: profile the dynamic-shape graphs that training runs on
+        for _ in range(args.warmup):
+            warm()
+    ms = time_steps(step, 0, args.steps, device)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     active = 3
     with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=active)) as prof:
