@@ -623,7 +623,14 @@ def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_cuda)])
+# Seen on the GPU machine's torch 2.11 (with CUDA hidden too): its CPU inductor fails the float64 decoder self-attention
+# backward ("expected scalar type Double but found Float" in _scaled_dot_product_flash_attention_for_cpu_backward);
+# torch 2.14 passes. train.py compiles on GPUs only, where 2.11 passes.
+OLD_CPU_INDUCTOR = pytest.mark.xfail(tuple(int(x) for x in torch.__version__.split('.')[:2]) < (2, 14), strict=False,
+                                     reason='torch < 2.14: CPU inductor float64 SDPA backward bug (seen on 2.11)')
+
+
+@pytest.mark.parametrize('device', [pytest.param('cpu', marks=OLD_CPU_INDUCTOR), pytest.param('cuda', marks=needs_cuda)])
 def test_compiled_blocks_equal_eager(device, monkeypatch):
     """train.py --compile (the default on GPUs): train.compile_blocks of the model and the criterion must not change
     outputs, losses or gradients, in float64. On the GPU the op is a torch.library custom op inside the graphs."""
