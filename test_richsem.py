@@ -630,7 +630,8 @@ OLD_CPU_INDUCTOR = pytest.mark.xfail(tuple(int(x) for x in torch.__version__.spl
                                      reason='torch < 2.14: CPU inductor float64 SDPA backward bug (seen on 2.11)')
 
 
-@pytest.mark.parametrize('device', [pytest.param('cpu', marks=OLD_CPU_INDUCTOR), pytest.param('cuda', marks=needs_cuda)])
+@pytest.mark.parametrize('device', [pytest.param('cpu', marks=OLD_CPU_INDUCTOR),
+                                    pytest.param('cuda', marks=needs_cuda)])
 def test_compiled_blocks_equal_eager(device, monkeypatch):
     """train.py --compile (the default on GPUs): train.compile_blocks of the model and the criterion must not change
     outputs, losses or gradients, in float64. On the GPU the op is a torch.library custom op inside the graphs."""
