@@ -297,6 +297,8 @@ def free_memory():
 OFFICIAL, OFFICIAL_AMP, BF16, TEACHER = ('official DINO fp32', 'official DINO --amp (fp16)', 'ours bf16',
                                          'ours bf16 + CLIP RN50 teacher + semantic branch')
 EAGER = 'ours bf16, --no-compile'
+# the official DINO's fp32 step on the H100 as issue 7 measured it: a third of it is the target without official rows
+ISSUE_OFFICIAL_FP32_MS = {'12+12 GT': 258, '150+12 GT': 314}
 ROWS = ['official', 'bf16', 'teacher', 'eager', 'fp32']
 
 
@@ -361,7 +363,8 @@ def bench_step(args):
     for case in cases:  # the issue's targets
         r = {name: (ms, math.nan if peak is None else peak) for (c, name), (ms, peak) in rows.items() if c == case}
         ours, official, amp, teacher = (r.get(k, (math.nan, math.nan)) for k in (BF16, OFFICIAL, OFFICIAL_AMP, TEACHER))
-        for text, value, ok in (('ours bf16 ms/step <= 86', ours[0], ours[0] <= 86),
+        goal = ISSUE_OFFICIAL_FP32_MS[case] / 3
+        for text, value, ok in ((f'ours bf16 ms/step <= {goal:.0f}', ours[0], ours[0] <= goal),
                                 ('ours bf16 >= 3x official fp32', official[0] / ours[0], official[0] >= 3 * ours[0]),
                                 ('ours bf16 >= 2.5x official --amp', amp[0] / ours[0], amp[0] >= 2.5 * ours[0]),
                                 ('peak of ours bf16 <= 0.7x official fp32', ours[1] / official[1],

@@ -11,6 +11,10 @@ Boxes are normalised cxcywh; everything here runs in fp32 whatever the model's p
 GPU->CPU transfer per step (all cost matrices together, for scipy's Hungarian solver) and no other host sync.
 """
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -119,7 +123,8 @@ class HungarianMatcher(nn.Module):
         """outputs_list: K output dicts {'pred_logits' (B, Q, C), 'pred_boxes' (B, Q, 4)}, same B and Q
         (the decoder layers and the encoder output); targets: B dicts {'labels' (n_b,), 'boxes' (n_b, 4)}
         -> K lists of B pairs (query_idx, gt_idx), each (min(Q, n_b),) int64 on the CPU.
-        All K*B cost blocks go to the CPU in one transfer: one host sync per step instead of K*B."""
+        All K*B cost blocks go to the CPU in one transfer: one host sync per step instead of K*B; scipy solves them
+        on a thread pool."""
         K, (B, Q, _) = len(outputs_list), outputs_list[0]["pred_logits"].shape
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
@@ -133,14 +138,23 @@ class HungarianMatcher(nn.Module):
         starts = [sum(sizes[:b]) for b in range(B)]
         blocks = torch.cat([cost[:, b, :, s:s + n].reshape(-1) for b, (s, n) in enumerate(zip(starts, sizes))])
         blocks = blocks.cpu().numpy()
-        matches, offset = [[None] * B for _ in range(K)], 0
+        problems, offset = [], 0  # (k, b, cost (Q, n_b)) views into the one transfer
         for b, n in enumerate(sizes):
             block = blocks[offset:offset + K * Q * n].reshape(K, Q, n)
             offset += K * Q * n
-            for k in range(K):
-                rows, cols = linear_sum_assignment(block[k])
-                matches[k][b] = (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            problems += [(k, b, block[k]) for k in range(K)]
+        solved = _solver_threads().map(linear_sum_assignment, [cost for _, _, cost in problems])
+        matches = [[None] * B for _ in range(K)]
+        for (k, b, _), (rows, cols) in zip(problems, solved):
+            matches[k][b] = (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
         return matches
+
+
+@functools.cache
+def _solver_threads():
+    """Threads for scipy's Hungarian solver, which releases the GIL: a step's K*B problems (7 layers x batch) run side by
+    side. With 150 GT an image's seven 900x150 problems take ~4 ms each, serial ~30 ms of GPU idling (H100 step)."""
+    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="hungarian")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
