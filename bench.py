@@ -343,6 +343,9 @@ def bench_step(args):
             import traceback
             traceback.print_exc()
             notes.append(f'{name} failed: {type(e).__name__}: {str(e)[:300]}')
+        except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: still print the rows measured so far
+            notes.append(f'interrupted during {name}')
+            break
     built.clear()
 
     where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (smoke run: no autocast, numbers meaningless)'

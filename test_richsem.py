@@ -517,6 +517,12 @@ def test_eval_outputs_and_checkpoint_without_semantic_branch(tiny):
     assert 'text_embed' in tiny.state_dict()
 
 
+def test_too_small_batch_for_the_queries_is_a_clear_error(tiny):
+    tiny.eval()  # 16x16 px: 4 + 1 + 1 + 1 encoder tokens for 30 queries
+    with pytest.raises(ValueError, match='7 encoder tokens for 30 queries'):
+        tiny(torch.randn(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.bool))
+
+
 def test_refinement_detaches_reference_but_not_prediction_path(tiny):
     tiny.train()
     images, mask, _ = _batch()
