@@ -163,10 +163,10 @@ def boxes_from_targets(targets):
     """
     out = []
     for t in targets:
-        h, w = t['size'].tolist()
         cx, cy, bw, bh = t['boxes'].float().unbind(-1)
         xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
-        out.append(xyxy * xyxy.new_tensor([w, h, w, h]))
+        whwh = t['size'].to(xyxy.device, torch.float32)[[1, 0, 1, 0]]  # on the device: .tolist() would be a host sync
+        out.append(xyxy * whwh)
     return out
 
 
