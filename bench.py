@@ -8,7 +8,8 @@ python bench.py step [--official DIR] [--rows official bf16 teacher eager fp32]
     A full training step on a synthetic batch (2 images of 800x1333, 12 GT each, or 150 + 12): ours is train.train_step
     itself, compiled as train.py does, in bf16, bf16 with the CLIP RN50 teacher and the semantic branch, bf16 without
     compiling, and fp32. Each implementation warms up on both cases and on a batch of another image size before it is
-    timed, so compiled graphs are the dynamic-shape ones that training runs on. DIR: IDEA-Research/DINO, its op
+    timed, so compiled graphs are the dynamic-shape ones that training runs on; then all rows are timed in interleaved
+    rounds (--rounds), so that a drifting host speed does not favour one row. DIR: IDEA-Research/DINO, its op
     patched to compile, stepped as its engine.py does (fp32 and --amp) in this process. Neither DIR is part of richsem.
 python bench.py step --profile [--teacher]
     torch.profiler over bf16 steps of ours: the top GPU ops, and the step split into its parts (GPU kernels launched
@@ -44,13 +45,21 @@ LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 def time_steps(step, warmup, steps, device):
     """step() warmup times, then steps times timed (CUDA events on the GPU) -> (median ms, peak allocated GiB over
     the timed steps, GiB allocated before them); the memory is None on the CPU."""
-    for _ in range(warmup):
-        step()
-    times, cuda, base = [], device.type == 'cuda', None
+    step_times(step, warmup, 0, device)
+    cuda, base = device.type == 'cuda', None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**30
+    times = step_times(step, 0, steps, device)
+    return float(np.median(times)), torch.cuda.max_memory_allocated() / 2**30 if cuda else None, base
+
+
+def step_times(step, warmup, steps, device):
+    """step() warmup times, then steps times timed -> list of ms (CUDA events on the GPU, wall clock on the CPU)"""
+    for _ in range(warmup):
+        step()
+    times, cuda = [], device.type == 'cuda'
     for _ in range(steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,7 +72,7 @@ def time_steps(step, warmup, steps, device):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), torch.cuda.max_memory_allocated() / 2**30 if cuda else None, base
+    return times
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,52 +316,69 @@ def bench_step(args):
     cases = {'12+12 GT': (12, 12), '150+12 GT': (150, 12)}
     batches = {case: synthetic_batch(args.image_size, counts, args.num_classes) for case, counts in cases.items()}
     resized = resized_batch(args)
-    # (--rows key, name, kind, amp, teacher, compile); rows of one model follow each other: it compiles once per mode.
-    # The official rows come first: the reference is the one that must not be lost to a time limit.
+    # (--rows key, name, kind, amp, teacher, compile). Official fp32 and --amp share one model, as do ours bf16 and fp32.
     impls = [('official', OFFICIAL, 'official', False, None, False),
              ('official', OFFICIAL_AMP, 'official', True, None, False),
              ('bf16', BF16, 'ours', True, False, True), ('teacher', TEACHER, 'ours', True, True, True),
              ('eager', EAGER, 'ours', True, False, False), ('fp32', 'ours fp32', 'ours', False, False, True)]
     impls = [i[1:] for i in impls if i[0] in args.rows and (i[2] == 'ours' or args.official)]
-    rows, notes, built = {}, [], {}
+    cuda = device.type == 'cuda'
+    steps, peaks, notes, models = {}, {}, [], {}
+    # 1. Build every model (it stays on the GPU), warm each row up and take its peak memory. Warming up on both cases
+    #    and on a batch of another image size makes a compiled model run the graphs that training runs on, dynamic in
+    #    image size and GT count, not the static ones of its first batch, which are faster (H100: 86-95 vs 75-87 ms).
+    #    A row's peak is counted from what was allocated before its model was built: its model, optimizer state,
+    #    batches and activations (a second row of one model also counts the first row's batches, ~0.05 GiB).
     for name, kind, amp, teacher, compile in impls:
-        amp = amp and device.type == 'cuda'  # as train.py: autocast on the GPU only
+        amp = amp and cuda  # as train.py: autocast on the GPU only
         try:
-            if (kind, teacher, compile) not in built:
-                built.clear()  # one model on the GPU at a time
+            if (kind, teacher, compile) not in models:
                 free_memory()
-                built[kind, teacher, compile] = ours_setup(args, device, teacher, compile) if kind == 'ours' else \
-                    official_setup(args.official, device, args.num_classes)
-            # Warm up on every case, and on a batch of another image size, before timing any: a compiled model then
-            # runs the graphs that training runs on, dynamic in image size and GT count, not the static ones of its
-            # first batch, which are faster (on the H100: 86-95 vs 75-87 ms).
-            make_step = built[kind, teacher, compile][2]
-            steps = {case: make_step(batch, amp) for case, batch in batches.items()}
-            for step in (*steps.values(), make_step(resized, amp)):
+                before = torch.cuda.memory_allocated() / 2**30 if cuda else None
+                models[kind, teacher, compile] = before, ours_setup(args, device, teacher, compile)[2] \
+                    if kind == 'ours' else official_setup(args.official, device, args.num_classes)[2]
+            before, make_step = models[kind, teacher, compile]
+            row = {case: make_step(batch, amp) for case, batch in batches.items()}
+            for step in (*row.values(), make_step(resized, amp)):
                 for _ in range(args.warmup):
                     step()
-            for case, step in steps.items():
-                scale = step.scaler.get_scale() if amp and kind == 'official' else None
-                rows[case, name] = time_steps(step, 0, args.steps, device)[:2]
-                print(f'{case} | {name}: {rows[case, name][0]:.1f} ms', flush=True)
-                if scale is not None and step.scaler.get_scale() != scale:
-                    notes.append(f'{name}, {case}: loss scale {scale:g} -> {step.scaler.get_scale():g} in the timed '
-                                 f'steps (each halving is a step skipped by GradScaler)')
-            del steps, step
+            for case, step in row.items():
+                peak = time_steps(step, 0, 1, device)[1]
+                peaks[case, name] = None if peak is None else peak - before
+                steps[case, name] = step
+            print(f'{name}: built and warmed up', flush=True)
         except Exception as e:  # one implementation failing must not cost the others' rows
             import traceback
             traceback.print_exc()
             notes.append(f'{name} failed: {type(e).__name__}: {str(e)[:300]}')
-        except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: still print the rows measured so far
-            notes.append(f'interrupted during {name}')
+        except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: time the rows built so far
+            notes.append(f'interrupted while building {name}: it and the rows after it are missing')
             break
-    built.clear()
+    # 2. Time the rows in rounds, a few steps each per round after one untimed step. The step is bound by the host
+    #    CPU launching kernels, and the host's speed drifts over minutes (on the H100 one commit's bf16 step took 68 and
+    #    84 ms in two calls): rows timed one after another would compare different hosts, rows interleaved do not.
+    times = {key: [] for key in steps}
+    scales = {key: step.scaler.get_scale() for key, step in steps.items() if hasattr(step, 'scaler')}
+    try:
+        for r in range(args.rounds):
+            for key, step in steps.items():
+                n = args.steps // args.rounds + (r < args.steps % args.rounds)
+                times[key] += step_times(step, 1, n, device)
+    except KeyboardInterrupt:  # print what was timed
+        notes.append('interrupted while timing: fewer timed steps than --steps')
+    rows = {key: (float(np.median(t)), peaks[key]) for key, t in times.items() if t}
+    for (case, name), scale in scales.items():
+        if steps[case, name].scaler.get_scale() != scale:
+            notes.append(f'{name}, {case}: loss scale {scale:g} -> {steps[case, name].scaler.get_scale():g} in the '
+                         f'timed steps (each halving is a step skipped by GradScaler)')
+    steps.clear(), models.clear()
 
     where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (smoke run: no autocast, numbers meaningless)'
     print(f'\nTraining step, batch 2 at {args.image_size[0]}x{args.image_size[1]} (ours padded to multiples of 32), '
           f'R50 4-scale, 900 queries, 100 DN queries, {args.num_classes}-class head, random weights; median of '
           f'{args.steps} steps after {args.warmup} warm-up steps on each case and on a batch of '
-          f'{args.image_size[0] - 64}x{args.image_size[1] - 64}; {where}, torch {torch.__version__}')
+          f'{args.image_size[0] - 64}x{args.image_size[1] - 64}, the rows interleaved in {args.rounds} rounds; {where}, '
+          f'torch {torch.__version__}')
     print('| case | implementation | ms/step | images/s | peak GiB | speed-up vs official fp32 |\n|---|---|---|---|---|---|')
     for case in cases:
         base = rows.get((case, OFFICIAL))
@@ -643,6 +669,7 @@ if __name__ == "__main__":
     parser.add_argument("--num_classes", type=int, default=1204, help="width of the class head (official: 1204)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (or images) first")
     parser.add_argument("--steps", type=int, default=20, help="step: timed steps")
+    parser.add_argument("--rounds", type=int, default=4, help="step: the timed steps of every row in this many rounds")
     parser.add_argument("--infer_images", type=int, default=50, help="eval: timed inference images; 0: skip")
     parser.add_argument("--eval_images", type=int, default=5000, help="eval: images of the LVISEval set; 0: skip")
     parser.add_argument("--dets", type=int, default=300, help="eval: detections per image")
