@@ -371,7 +371,6 @@ def bench_step(args):
         if steps[case, name].scaler.get_scale() != scale:
             notes.append(f'{name}, {case}: loss scale {scale:g} -> {steps[case, name].scaler.get_scale():g} in the '
                          f'timed steps (each halving is a step skipped by GradScaler)')
-    steps.clear(), models.clear()
 
     where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (smoke run: no autocast, numbers meaningless)'
     print(f'\nTraining step, batch 2 at {args.image_size[0]}x{args.image_size[1]} (ours padded to multiples of 32), '
