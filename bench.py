@@ -316,7 +316,7 @@ def bench_step(args):
     cases = {'12+12 GT': (12, 12), '150+12 GT': (150, 12)}
     batches = {case: synthetic_batch(args.image_size, counts, args.num_classes) for case, counts in cases.items()}
     resized = resized_batch(args)
-    # (--rows key, name, kind, amp, teacher, compile). Official fp32 and --amp share one model, as do ours bf16 and fp32.
+    # (--rows key, name, kind, amp, teacher, compile); official fp32 and --amp share one model, as do ours bf16 and fp32
     impls = [('official', OFFICIAL, 'official', False, None, False),
              ('official', OFFICIAL_AMP, 'official', True, None, False),
              ('bf16', BF16, 'ours', True, False, True), ('teacher', TEACHER, 'ours', True, True, True),
@@ -376,8 +376,8 @@ def bench_step(args):
     print(f'\nTraining step, batch 2 at {args.image_size[0]}x{args.image_size[1]} (ours padded to multiples of 32), '
           f'R50 4-scale, 900 queries, 100 DN queries, {args.num_classes}-class head, random weights; median of '
           f'{args.steps} steps after {args.warmup} warm-up steps on each case and on a batch of '
-          f'{args.image_size[0] - 64}x{args.image_size[1] - 64}, the rows interleaved in {args.rounds} rounds; {where}, '
-          f'torch {torch.__version__}')
+          f'{args.image_size[0] - 64}x{args.image_size[1] - 64}, the rows interleaved in {args.rounds} rounds; '
+          f'{where}, torch {torch.__version__}')
     print('| case | implementation | ms/step | images/s | peak GiB | speed-up vs official fp32 |\n|---|---|---|---|---|---|')
     for case in cases:
         base = rows.get((case, OFFICIAL))

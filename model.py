@@ -511,8 +511,8 @@ class RichSem(nn.Module):
         space detached, encoder outputs {'pred_logits' (B, K, C), 'pred_boxes' (B, K, 4)} for the two-stage loss.
         """
         if memory.shape[1] < self.num_queries:  # else topk's "selected index k out of range"
-            raise ValueError(f'{memory.shape[1]} encoder tokens for {self.num_queries} queries: the padded batch '
-                             f'{[list(s) for s in shapes]} (feature maps) is too small; use larger images or fewer queries')
+            raise ValueError(f'{memory.shape[1]} encoder tokens (feature maps {[list(s) for s in shapes]}) for '
+                             f'{self.num_queries} queries: the batch is too small; use larger images or fewer queries')
         proposals, valid = encoder_proposals(mask_flat, shapes)
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
         # The choice has no gradient: score all tokens without autograd, then run the heads on the K chosen. Same
