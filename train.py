@@ -13,9 +13,9 @@ LVIS v1 + ImageNet-LVIS, the paper's R50 1x schedule, 8 GPUs of one node (batch 
     data/imagenet-lvis:    imagenet_lvis_image_info.json, images/ (Detic's INet-LVIS)
 On GPUs the detector's blocks, the loss arithmetic and the teacher's tower are torch.compile'd (--no-compile: eager):
 on an H100 68-95 ms per bf16 step on the dynamic-shape graphs that training runs on (the host's speed sets it),
-146-162 eager (bench.py step), for ~5 minutes of compiling at the first step and 2-5 more at each of the first two
-batches that bring new shapes (then the graphs serve every size): a day-long run gains hours, a short experiment may
-be faster with --no-compile.
+146-162 eager (bench.py step), for 5-6 minutes of compiling at the first step and 2-5 more at each of the first two
+batches that bring new shapes (~13 minutes in all on a fresh 16-core H100 host; then the graphs serve every size): a
+day-long run gains hours, a short experiment may be faster with --no-compile.
 Resume where the run in --out_dir stopped (same epoch, iteration, optimizer and sampler state; add the same flags):
     torchrun --standalone --nproc_per_node 8 train.py ... --resume auto
 The paper's ablations (Table 3, R50 1x), each one flag on top of the command above:
