@@ -196,7 +196,7 @@ def ours_setup(args, device, teacher, compile=True):
     AdamW, clip 0.1, compiled blocks on the GPU unless compile=False), with random weights and num_classes random text
     embeddings; teacher: with the CLIP RN50 teacher (random weights), the semantic branch and its soft loss.
     returns (model, criterion, make_step), where make_step(batch, amp) gives a closure running one train.train_step
-    on that batch. The first step of a compiled model compiles (5-6 min on a fresh H100 host), as do its first new shapes.
+    on that batch. A compiled model compiles at its first step (5-6 min on a fresh H100 host) and first new shapes.
     """
     import data
     import train
