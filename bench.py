@@ -331,7 +331,7 @@ def bench_step(args):
     #    batches and activations (a second row of one model also counts the first row's batches, ~0.05 GiB).
     for name, kind, amp, teacher, compile in impls:
         amp = amp and cuda  # as train.py: autocast on the GPU only
-        t0, firsts = time.perf_counter(), []  # firsts: seconds of each shape's first step (where a model compiles)
+        t0, warms = time.perf_counter(), []  # seconds of each shape's warm-up: where a compiled model compiles
         try:
             if (kind, teacher, compile) not in models:
                 free_memory()
@@ -341,24 +341,23 @@ def bench_step(args):
             before, make_step = models[kind, teacher, compile]
             row = {case: make_step(batch, amp) for case, batch in batches.items()}
             for step in (*row.values(), make_step(resized, amp)):
-                for i in range(args.warmup):
-                    t1 = time.perf_counter()
-                    step()
-                    if i == 0:
-                        firsts.append(time.perf_counter() - t1)
+                t1 = time.perf_counter()
+                step_times(step, args.warmup, 0, device)
+                warms.append(time.perf_counter() - t1)
             for case, step in row.items():
                 peak = time_steps(step, 0, 1, device)[1]
                 peaks[case, name] = None if peak is None else peak - before
                 steps[case, name] = step
-            print(f'{name}: built and warmed up in {time.perf_counter() - t0:.0f} s (first steps: '
-                  f'{", ".join(f"{t:.0f}" for t in firsts)} s)', flush=True)
+            print(f'{name}: built and warmed up in {time.perf_counter() - t0:.0f} s (warm-up per shape: '
+                  f'{", ".join(f"{t:.0f}" for t in warms)} s)', flush=True)
         except Exception as e:  # one implementation failing must not cost the others' rows
             import traceback
             traceback.print_exc()
             notes.append(f'{name} failed: {type(e).__name__}: {str(e)[:300]}')
         except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT`: time the rows built so far
-            notes.append(f'interrupted while building {name} after {time.perf_counter() - t0:.0f} s (first steps: '
-                         f'{", ".join(f"{t:.0f}" for t in firsts) or "-"} s): it and the rows after it are missing')
+            done = ", ".join(f"{t:.0f}" for t in warms) or "-"
+            notes.append(f'interrupted while building {name} after {time.perf_counter() - t0:.0f} s (warm-up per '
+                         f'shape: {done} s): it and the rows after it are missing')
             break
     # 2. Time the rows in rounds, a few steps each per round after one untimed step. The step is bound by the host
     #    CPU launching kernels, and the host's speed drifts over minutes (on the H100 one commit's bf16 step took 68 and
