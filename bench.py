@@ -2,8 +2,9 @@
 Benchmarks that print a table (not tests). On a GPU:
 
 python bench.py msda [--orig_src DIR]
-    The deformable-attention op: forward, forward+backward and peak memory at DINO's encoder and decoder shapes
-    (batch 2 at 800x1333). DIR: fundamentalvision/Deformable-DETR's models/ops patched to compile, side by side.
+    The deformable-attention op: forward, forward+backward (one call, and ten back to back) and peak memory at DINO's
+    encoder and decoder shapes (batch 2 at 800x1333). DIR: fundamentalvision/Deformable-DETR's models/ops patched to
+    compile, side by side.
 python bench.py step [--official DIR] [--rows official bf16 teacher eager fp32]
     A full training step on a synthetic batch (2 images of 800x1333, 12 GT each, or 150 + 12): ours is train.train_step
     itself, compiled as train.py does, in bf16, bf16 with the CLIP RN50 teacher and the semantic branch, bf16 without
@@ -100,7 +101,8 @@ def msda_problem(Lq, N=2, M=8, D=32, P=4, seed=0):
 
 def load_original_ext(src):
     """The original Deformable-DETR op (fp32 only; DINO carries the same sources in models/dino/ops), compiled from
-    a copy patched to compile (.scratch/patch_ddetr.sh) outside this repository. returns the extension module."""
+    a copy patched to compile (README.md's op section gives the patch) outside this repository. returns the extension
+    module."""
     import torch.utils.cpp_extension as cpp_extension
     if msda._find_cuda_home():  # as msda.load_op: torch's own guess fails where nvcc is a wrapper script
         os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = msda._find_cuda_home()
@@ -156,17 +158,24 @@ def bench_msda(args):
                 v.grad = lc.grad = at.grad = None
                 fn(v, shapes, starts, lc, at).backward(grad)
 
+            def fwd_bwd_back_to_back(calls=10):
+                for _ in range(calls):
+                    fwd_bwd()
+
             cuda = torch.device("cuda")
             t_f = time_steps(fwd, 5, 30, cuda)[0]
             t_fb, peak, base = time_steps(fwd_bwd, 5, 30, cuda)
-            rows.append((shape_name, name, t_f, t_fb, (peak - base) * 1024, err))
+            t_fb10 = time_steps(fwd_bwd_back_to_back, 1, 10, cuda)[0] / 10
+            rows.append((shape_name, name, t_f, t_fb, t_fb10, (peak - base) * 1024, err))
             del out  # the closures' tensors are freed when the next implementation rebinds them
             torch.cuda.empty_cache()
     print(f"\nMSDA at DINO shapes, N=2, S=22,223 (4 levels), M=8, D=32, L=4, P=4 on {torch.cuda.get_device_name()}")
-    print("| shape | implementation | forward ms | fwd+bwd ms | peak MiB | rel. error vs fp64 |")
-    print("|---|---|---|---|---|---|")
-    for shape_name, name, t_f, t_fb, peak, err in rows:
-        print(f"| {shape_name} | {name} | {t_f:.3f} | {t_fb:.3f} | {peak:.0f} | {err:.1e} |")
+    print("fwd+bwd: one call from an idle GPU (so it includes the host's time to the first launch); back to back: ten")
+    print("calls in a row, per call (the host runs ahead, as in training)")
+    print("| shape | implementation | forward ms | fwd+bwd ms | fwd+bwd back to back | peak MiB | rel. error vs fp64 |")
+    print("|---|---|---|---|---|---|---|")
+    for shape_name, name, t_f, t_fb, t_fb10, peak, err in rows:
+        print(f"| {shape_name} | {name} | {t_f:.3f} | {t_fb:.3f} | {t_fb10:.3f} | {peak:.0f} | {err:.1e} |")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +253,8 @@ def official_setup(dino_dir, device, num_classes):
     if 'MultiScaleDeformableAttention' not in sys.modules:
         with open(os.path.join(ops, 'src', 'ms_deform_attn.h')) as f:
             if '.type().is_cuda()' in f.read():
-                raise RuntimeError(f'{ops} is not patched to compile on this torch: run .scratch/patch_ddetr.sh on it')
+                raise RuntimeError(f'{ops} is not patched to compile on this torch: README.md (op section) '
+                                   'gives the patch')
         sys.modules['MultiScaleDeformableAttention'] = load_original_ext(ops)
     cfg = {}
     for name in ('coco_transformer.py', 'DINO_4scale.py'):  # the _base_ first, then the file that overrides it

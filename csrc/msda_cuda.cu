@@ -26,6 +26,15 @@
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
+// A backward block works through kBackwardTile rounds of kWarpsPerBlock (n, q, m) tasks, and its registers are capped
+// so that kBackwardMinBlocks blocks fit on a multiprocessor: more warps in flight hide the corner loads and atomics.
+// H200, DINO's encoder shape, the backward call alone (kernel, zeroing and cast of grad_value), against one round per
+// block and no cap: bf16 0.975 -> 0.869 ms (80 registers; a cap of 64 spills), fp32 0.947 -> 0.887 (64 registers);
+// with offsets spread 3x wider 0.920 -> 0.744 and 0.878 -> 0.778. Tiles of 8 measured the same as 4. The forward
+// (36-40 registers) already fits 6 blocks, and tiling it measured slower (fp32 0.47 -> 0.53 ms with 4 rounds).
+constexpr int kBackwardTile = 4;
+template <typename scalar_t>
+constexpr int kBackwardMinBlocks = sizeof(scalar_t) == 2 ? 3 : sizeof(scalar_t) == 4 ? 4 : 1;
 
 template <int BYTES> struct Raw;  // an unsigned type of BYTES bytes, to move VEC channels with one instruction
 template <> struct Raw<2> { using T = unsigned short; };
@@ -186,7 +195,7 @@ msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restric
 }
 
 template <typename scalar_t, int VEC, int LPP>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kBackwardMinBlocks<scalar_t>)
 msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                      const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ loc,
                      const at::opmath_type<scalar_t>* __restrict__ attn, const scalar_t* __restrict__ grad_out,
@@ -200,107 +209,110 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
   constexpr int R = VEC / AW;  // atomic instructions per lane and corner (2 for fp16/bf16)
   // Teams of R groups for the atomics (below). LPP < 32 implies chunks == LPP: one k iteration per lane.
   constexpr bool kPaired = R > 1 && LPP < 32 && PPW % R == 0;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (warp >= N * Lq * M) return;
   const int lane = threadIdx.x % 32, group = lane / LPP, lig = lane % LPP;
-  const WarpTask t = warp_task(warp, Lq, M);
   const int LP = L * P;
   const int chunks = (D + VEC - 1) / VEC;
-  const acc_t* loc_w = loc + t.qm * LP * 2;
-  const acc_t* attn_w = attn + t.qm * LP;
-  const int64_t value_nm = (t.n * S * M + t.m) * D;
-  const scalar_t* g_w = grad_out + t.qm * D;
+  for (int task = 0; task < kBackwardTile; ++task) {  // the block's tasks, kWarpsPerBlock at a time
+    const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kBackwardTile + task) * kWarpsPerBlock + threadIdx.x / 32;
+    if (warp >= N * Lq * M) return;
+    const WarpTask t = warp_task(warp, Lq, M);
+    const acc_t* loc_w = loc + t.qm * LP * 2;
+    const acc_t* attn_w = attn + t.qm * LP;
+    const int64_t value_nm = (t.n * S * M + t.m) * D;
+    const scalar_t* g_w = grad_out + t.qm * D;
 
-  // Every lane runs the same number of iterations (p may be past the end: it then contributes zeros), because
-  // the group reductions below shuffle across the whole warp.
-  for (int p0 = 0; p0 < LP; p0 += PPW) {
-    const int p = p0 + group;
-    const bool active = p < LP;
-    const int l = active ? p / P : 0;
-    const int H = static_cast<int>(shapes[2 * l]), W = static_cast<int>(shapes[2 * l + 1]);
-    Bilinear<acc_t> b = locate<acc_t>(active ? loc_w[2 * p] : acc_t(-2), active ? loc_w[2 * p + 1] : acc_t(-2), H, W);
-    const acc_t a = active ? attn_w[p] : acc_t(0);
-    acc_t d_attn = 0, d_h = 0, d_w = 0;  // this lane's share of the channel sums
-    if (b.inside) {
-      const int64_t base = value_nm + starts[l] * M * D;
-      for (int k = lig; k < chunks; k += LPP) {
-        acc_t g[VEC], v[4][VEC];
-        load_vec<scalar_t, VEC>(g_w + k * VEC, g);
+    // Every lane runs the same number of iterations (p may be past the end: it then contributes zeros), because
+    // the group reductions below shuffle across the whole warp.
+    for (int p0 = 0; p0 < LP; p0 += PPW) {
+      const int p = p0 + group;
+      const bool active = p < LP;
+      const int l = active ? p / P : 0;
+      const int H = static_cast<int>(shapes[2 * l]), W = static_cast<int>(shapes[2 * l + 1]);
+      Bilinear<acc_t> b =
+          locate<acc_t>(active ? loc_w[2 * p] : acc_t(-2), active ? loc_w[2 * p + 1] : acc_t(-2), H, W);
+      const acc_t a = active ? attn_w[p] : acc_t(0);
+      acc_t d_attn = 0, d_h = 0, d_w = 0;  // this lane's share of the channel sums
+      if (b.inside) {
+        const int64_t base = value_nm + starts[l] * M * D;
+        for (int k = lig; k < chunks; k += LPP) {
+          acc_t g[VEC], v[4][VEC];
+          load_vec<scalar_t, VEC>(g_w + k * VEC, g);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (b.valid[c]) load_vec<scalar_t, VEC>(value + base + b.off[c] * M * D + k * VEC, v[c]);
-          else
+          for (int c = 0; c < 4; ++c) {
+            if (b.valid[c]) load_vec<scalar_t, VEC>(value + base + b.off[c] * M * D + k * VEC, v[c]);
+            else
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) v[c][i] = 0;
-        }
-        const acc_t hh = 1 - b.lh, hw = 1 - b.lw;
+              for (int i = 0; i < VEC; ++i) v[c][i] = 0;
+          }
+          const acc_t hh = 1 - b.lh, hw = 1 - b.lw;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const acc_t sample = b.w[0] * v[0][i] + b.w[1] * v[1][i] + b.w[2] * v[2][i] + b.w[3] * v[3][i];
-          d_attn += g[i] * sample;
-          d_w += g[i] * (hh * (v[1][i] - v[0][i]) + b.lh * (v[3][i] - v[2][i]));
-          d_h += g[i] * (hw * (v[2][i] - v[0][i]) + b.lw * (v[3][i] - v[1][i]));
-        }
-        if constexpr (!kPaired) {
-          // The atomics use their own channel layout: with VEC > AW (8 bf16 channels a lane, 4 fp32 an atomic),
-          // atomic i of lane lig covers channels (i * LPP + lig) * AW of this round, so that one atomic instruction
-          // of a group hits contiguous memory. In the load layout it would be strided, which measured 3x slower.
-          const int64_t round = (k - lig) * VEC;  // first channel covered by this round of the LPP lanes
+          for (int i = 0; i < VEC; ++i) {
+            const acc_t sample = b.w[0] * v[0][i] + b.w[1] * v[1][i] + b.w[2] * v[2][i] + b.w[3] * v[3][i];
+            d_attn += g[i] * sample;
+            d_w += g[i] * (hh * (v[1][i] - v[0][i]) + b.lh * (v[3][i] - v[2][i]));
+            d_h += g[i] * (hw * (v[2][i] - v[0][i]) + b.lw * (v[3][i] - v[1][i]));
+          }
+          if constexpr (!kPaired) {
+            // The atomics use their own channel layout: with VEC > AW (8 bf16 channels a lane, 4 fp32 an atomic),
+            // atomic i of lane lig covers channels (i * LPP + lig) * AW of this round, so that one atomic instruction
+            // of a group hits contiguous memory. In the load layout it would be strided, which measured 3x slower.
+            const int64_t round = (k - lig) * VEC;  // first channel covered by this round of the LPP lanes
 #pragma unroll
-          for (int i = 0; i < VEC / AW; ++i) {
-            const int64_t ch = round + (i * LPP + lig) * AW;
-            acc_t ga[AW];
-            if constexpr (AW == VEC) {  // the two layouts coincide (fp32, fp64): no second load
+            for (int i = 0; i < VEC / AW; ++i) {
+              const int64_t ch = round + (i * LPP + lig) * AW;
+              acc_t ga[AW];
+              if constexpr (AW == VEC) {  // the two layouts coincide (fp32, fp64): no second load
 #pragma unroll
-              for (int j = 0; j < AW; ++j) ga[j] = g[j];
-            } else {
-              load_vec<scalar_t, AW>(g_w + ch, ga);
+                for (int j = 0; j < AW; ++j) ga[j] = g[j];
+              } else {
+                load_vec<scalar_t, AW>(g_w + ch, ga);
+              }
+#pragma unroll
+              for (int c = 0; c < 4; ++c)
+                if (b.valid[c]) atomic_add_vec<AW>(grad_value + base + b.off[c] * M * D + ch, ga, a * b.w[c]);
             }
-#pragma unroll
-            for (int c = 0; c < 4; ++c)
-              if (b.valid[c]) atomic_add_vec<AW>(grad_value + base + b.off[c] * M * D + ch, ga, a * b.w[c]);
           }
         }
       }
-    }
-    if constexpr (kPaired) {
-      // fp16/bf16 with D = R * LPP * AW channels: a group's LPP lanes cover only 1/R of a point's fp32 gradient row
-      // per atomic instruction (D = 32: 64 of 128 bytes). R neighbouring groups team up instead: in turn i they all
-      // add into the point of group (first of the team + i), lane (j, lig) covering channels (j * LPP + lig) * AW, so
-      // that each instruction writes whole rows. That point's corner weights and offset come by shuffle (all lanes
-      // take part: this is outside the `if (b.inside)`). H100, encoder shape: bf16 backward 1.22 -> 1.06 ms.
-      const int j = group % R;
-      const int ch = (j * LPP + lig) * AW;
-      acc_t ga[AW];
-      load_vec<scalar_t, AW>(g_w + ch, ga);
-      acc_t wc[4];  // weight of each corner, 0 for a corner outside the map (or a point outside, or past the end)
+      if constexpr (kPaired) {
+        // fp16/bf16 with D = R * LPP * AW channels: a group's LPP lanes cover only 1/R of a point's fp32 gradient row
+        // per atomic instruction (D = 32: 64 of 128 bytes). R neighbouring groups team up instead: in turn i they all
+        // add into the point of group (first of the team + i), lane (j, lig) covering channels (j * LPP + lig) * AW, so
+        // that each instruction writes whole rows. That point's corner weights and offset come by shuffle (all lanes
+        // take part: this is outside the `if (b.inside)`). H100, encoder shape: bf16 backward 1.22 -> 1.06 ms.
+        const int j = group % R;
+        const int ch = (j * LPP + lig) * AW;
+        acc_t ga[AW];
+        load_vec<scalar_t, AW>(g_w + ch, ga);
+        acc_t wc[4];  // weight of each corner, 0 for a corner outside the map (or a point outside, or past the end)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) wc[c] = b.valid[c] ? a * b.w[c] : acc_t(0);
-      const long long row0 = value_nm + starts[l] * M * D + b.off[0] * M * D;  // the top-left corner's row
-      const long long stride = static_cast<long long>(M) * D;                   // one token to the next
+        for (int c = 0; c < 4; ++c) wc[c] = b.valid[c] ? a * b.w[c] : acc_t(0);
+        const long long row0 = value_nm + starts[l] * M * D + b.off[0] * M * D;  // the top-left corner's row
+        const long long stride = static_cast<long long>(M) * D;                   // one token to the next
 #pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int src = (group - j + i) * LPP;  // first lane of the point's group
-        const long long r0 = __shfl_sync(0xffffffffu, row0, src);
-        const int Ws = __shfl_sync(0xffffffffu, W, src);
-        const long long off[4] = {r0, r0 + stride, r0 + Ws * stride, r0 + (Ws + 1) * stride};
+        for (int i = 0; i < R; ++i) {
+          const int src = (group - j + i) * LPP;  // first lane of the point's group
+          const long long r0 = __shfl_sync(0xffffffffu, row0, src);
+          const int Ws = __shfl_sync(0xffffffffu, W, src);
+          const long long off[4] = {r0, r0 + stride, r0 + Ws * stride, r0 + (Ws + 1) * stride};
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const acc_t w = __shfl_sync(0xffffffffu, wc[c], src);
-          if (w != acc_t(0)) atomic_add_vec<AW>(grad_value + off[c] + ch, ga, w);  // adding 0 is a no-op
+          for (int c = 0; c < 4; ++c) {
+            const acc_t w = __shfl_sync(0xffffffffu, wc[c], src);
+            if (w != acc_t(0)) atomic_add_vec<AW>(grad_value + off[c] + ch, ga, w);  // adding 0 is a no-op
+          }
         }
       }
-    }
 #pragma unroll
-    for (int off = 1; off < LPP; off *= 2) {
-      d_attn += shfl_xor(d_attn, off);
-      d_w += shfl_xor(d_w, off);
-      d_h += shfl_xor(d_h, off);
-    }
-    if (active && lig == 0) {  // this warp owns the point: plain stores, and every point is written
-      grad_attn[t.qm * LP + p] = d_attn;
-      grad_loc[(t.qm * LP + p) * 2] = W * a * d_w;
-      grad_loc[(t.qm * LP + p) * 2 + 1] = H * a * d_h;
+      for (int off = 1; off < LPP; off *= 2) {
+        d_attn += shfl_xor(d_attn, off);
+        d_w += shfl_xor(d_w, off);
+        d_h += shfl_xor(d_h, off);
+      }
+      if (active && lig == 0) {  // this warp owns the point: plain stores, and every point is written
+        grad_attn[t.qm * LP + p] = d_attn;
+        grad_loc[(t.qm * LP + p) * 2] = W * a * d_w;
+        grad_loc[(t.qm * LP + p) * 2 + 1] = H * a * d_h;
+      }
     }
   }
 }
@@ -334,7 +346,10 @@ void with_layout(std::pair<int, int> layout, Args&&... args) {
   }
 }
 
-int64_t num_blocks(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+// Blocks for `warps` (n, q, m) tasks when each block takes `rounds` rounds of kWarpsPerBlock of them.
+int64_t num_blocks(int64_t warps, int rounds = 1) {
+  return (warps + kWarpsPerBlock * rounds - 1) / (kWarpsPerBlock * rounds);
+}
 
 template <typename scalar_t, int VEC, int LPP>
 struct Forward {
@@ -360,7 +375,7 @@ struct Backward {
     const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
     const int64_t Lq = loc.size(1), L = loc.size(3), P = loc.size(4);
     msda_backward_kernel<scalar_t, VEC, LPP>
-        <<<num_blocks(N * Lq * M), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        <<<num_blocks(N * Lq * M, kBackwardTile), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
             value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
             loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
             grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(),
