@@ -158,20 +158,15 @@ def bench_msda(args):
                 v.grad = lc.grad = at.grad = None
                 fn(v, shapes, starts, lc, at).backward(grad)
 
-            def fwd_bwd_back_to_back(calls=10):
-                for _ in range(calls):
-                    fwd_bwd()
-
             cuda = torch.device("cuda")
             t_f = time_steps(fwd, 5, 30, cuda)[0]
             t_fb, peak, base = time_steps(fwd_bwd, 5, 30, cuda)
-            t_fb10 = time_steps(fwd_bwd_back_to_back, 1, 10, cuda)[0] / 10
+            t_fb10 = time_steps(lambda: [fwd_bwd() for _ in range(10)], 1, 10, cuda)[0] / 10
             rows.append((shape_name, name, t_f, t_fb, t_fb10, (peak - base) * 1024, err))
             del out  # the closures' tensors are freed when the next implementation rebinds them
             torch.cuda.empty_cache()
     print(f"\nMSDA at DINO shapes, N=2, S=22,223 (4 levels), M=8, D=32, L=4, P=4 on {torch.cuda.get_device_name()}")
-    print("fwd+bwd: one call from an idle GPU (so it includes the host's time to the first launch); back to back: ten")
-    print("calls in a row, per call (the host runs ahead, as in training)")
+    print("fwd+bwd: one call from an idle GPU (host time to the first launch included); back to back: 10 in a row")
     print("| shape | implementation | forward ms | fwd+bwd ms | fwd+bwd back to back | peak MiB | rel. error vs fp64 |")
     print("|---|---|---|---|---|---|---|")
     for shape_name, name, t_f, t_fb, t_fb10, peak, err in rows:
