@@ -32,11 +32,12 @@ constexpr int kWarpsPerBlock = 8;
 // block and no cap: bf16 0.975 -> 0.869 ms (80 registers; a cap of 64 spills), fp32 0.947 -> 0.887 (64 registers);
 // with offsets spread 3x wider 0.920 -> 0.744 and 0.878 -> 0.778. Tiles of 8 measured the same as 4. The forward
 // (36-40 registers) already fits 6 blocks, and tiling it measured slower (fp32 0.47 -> 0.53 ms with 4 rounds).
-// Also measured and rejected (H200, same shape): blocks of 16 or 24 neighbouring warps, for more L1 sharing between
-// queries (forward and backward within 2% either way); and a backward that keeps each head's coarsest 1,536 tokens
-// of grad_value in shared memory (a block per (n, m), flushed once), where levels 2 and 3 take half of the corner
-// atomics: bf16 0.886 -> 1.066 ms, because sm_90 has no shared-memory float add (atomicAdd there is a compare-and-
-// swap loop, ATOMS.CAST.SPIN). Without those adds that layout ran 0.737 ms: the most such a scheme could gain.
+// Also measured and rejected (H200, same shape): blocks of 16 or 24 warps when heads still varied fastest (2 or 3
+// queries a block, for L1 sharing between them: forward and backward within 2% either way); and a backward that keeps
+// each head's coarsest 1,536 tokens of grad_value in shared memory (a block per (n, m), flushed once), where levels 2
+// and 3 take half of the corner atomics: bf16 0.886 -> 1.066 ms, because sm_90 has no shared-memory float add
+// (atomicAdd there is a compare-and-swap loop, ATOMS.CAST.SPIN). Without those adds that layout ran 0.737 ms: the most
+// such a scheme could gain.
 constexpr int kBackwardTile = 4;
 template <typename scalar_t>
 constexpr int kBackwardMinBlocks = sizeof(scalar_t) == 2 ? 3 : sizeof(scalar_t) == 4 ? 4 : 1;
