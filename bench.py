@@ -382,13 +382,15 @@ def bench_step(args):
             notes.append(f'{name}, {case}: loss scale {scale:g} -> {steps[case, name].scaler.get_scale():g} in the '
                          f'timed steps (each halving is a step skipped by GradScaler)')
 
-    where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (smoke run: no autocast, numbers meaningless)'
+    where = (torch.cuda.get_device_name() if device.type == 'cuda'
+             else 'CPU (smoke run: no autocast, numbers meaningless)')
     print(f'\nTraining step, batch 2 at {args.image_size[0]}x{args.image_size[1]} (ours padded to multiples of 32), '
           f'R50 4-scale, 900 queries, 100 DN queries, {args.num_classes}-class head, random weights; median of '
           f'{args.steps} steps after {args.warmup} warm-up steps on each case and on a batch of '
           f'{args.image_size[0] - 64}x{args.image_size[1] - 64}, the rows interleaved in {args.rounds} rounds; '
           f'{where}, torch {torch.__version__}')
-    print('| case | implementation | ms/step | images/s | peak GiB | speed-up vs official fp32 |\n|---|---|---|---|---|---|')
+    print('| case | implementation | ms/step | images/s | peak GiB | speed-up vs official fp32 |\n'
+          '|---|---|---|---|---|---|')
     for case in cases:
         base = rows.get((case, OFFICIAL))
         for name, *_ in impls:

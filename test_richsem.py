@@ -63,10 +63,12 @@ def bilinear_loop(value, shapes, loc, attn):
                         x = loc[n, q, m, l, p, 0].item() * W - 0.5  # pixel-centre convention
                         y = loc[n, q, m, l, p, 1].item() * H - 0.5
                         x0, y0 = math.floor(x), math.floor(y)
-                        for yy, xx, wgt in ((y0, x0, (1 - (y - y0)) * (1 - (x - x0))), (y0, x0 + 1, (1 - (y - y0)) * (x - x0)),
-                                            (y0 + 1, x0, (y - y0) * (1 - (x - x0))), (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
+                        fy, fx = y - y0, x - x0
+                        for yy, xx, wgt in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
+                                            (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
                             if 0 <= yy < H and 0 <= xx < W:  # zero outside the map
-                                out[n, q, m] += attn[n, q, m, l, p].item() * wgt * value[n, starts[l] + yy * W + xx, m].double()
+                                a = attn[n, q, m, l, p].item()
+                                out[n, q, m] += a * wgt * value[n, starts[l] + yy * W + xx, m].double()
     return out.view(N, Lq, M * D)
 
 
@@ -1238,7 +1240,8 @@ def test_map_to_nearest_class_by_hand():
 def test_map_to_nearest_class_real_clip_rn50():
     with open(os.path.join(DATA, 'lvis_meta', 'lvis_v1_train_cat_info.json')) as f:
         names = [c['name'] for c in sorted(json.load(f), key=lambda c: c['id'])]
-    embed = torch.from_numpy(np.load(os.path.join(DATA, 'lvis_meta', 'lvis_v1_clip_RN50_a+cname.npy')).astype(np.float32))
+    embed = np.load(os.path.join(DATA, 'lvis_meta', 'lvis_v1_clip_RN50_a+cname.npy'))
+    embed = torch.from_numpy(embed.astype(np.float32))
     cases = {'kitten': 'cat', 'puppy': 'dog', 'duckling': 'duck', 'pony': 'horse',
              'convertible_(automobile)': 'car_(automobile)'}
     for extra_name, expected in cases.items():
@@ -2168,7 +2171,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, m
     assert [r['iter'] for r in read_log(out)] == [1, 2]
     assert not any(name.endswith('.tmp') for name in os.listdir(out))
     last = load(os.path.join(out, 'checkpoint.pth'))
-    assert (last['epoch'], last['iteration']) == (1, 2) and (last['sampler']['epoch'], last['sampler']['position']) == (0, 2)
+    assert (last['epoch'], last['iteration']) == (1, 2)
+    assert (last['sampler']['epoch'], last['sampler']['position']) == (0, 2)
     assert_same_tree(last['model'], load(os.path.join(out, 'checkpoint_e00.pth'))['model'])
     assert_same_tree(last['model'], load(os.path.join(run_a, 'checkpoint_e00.pth'))['model'])
     assert all(torch.isfinite(v).all() for v in last['model'].values() if v.is_floating_point())
