@@ -113,10 +113,11 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(self, logits, boxes, tgt_labels, tgt_boxes):
         """logits: (..., C), boxes: (..., 4) cxcywh predictions; tgt_labels (N,), tgt_boxes (N, 4) of the batch
         -> (..., N) cost of every prediction against every GT, fp32, NaN-free"""
-        x = logits.float()[..., tgt_labels.clamp(min=0)]  # only the GT classes' columns
-        # -log p and -log(1 - p) via softplus: finite even for saturated logits
-        pos = self.alpha * (1 - x.sigmoid()) ** self.gamma * F.softplus(-x)
-        neg = (1 - self.alpha) * x.sigmoid() ** self.gamma * F.softplus(x)
+        p = logits.float()[..., tgt_labels.clamp(min=0)].sigmoid()  # only the GT classes' columns
+        # -log(p + 1e-8) as DINO's matcher has it: each term is capped at 18.4 (a logit beyond about +-18), so with
+        # 100*cos logits a query's box, not how far its logit has saturated, decides between confident queries
+        pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+        neg = (1 - self.alpha) * p ** self.gamma * -(1 - p + 1e-8).log()
         cost_class = (pos - neg) * (tgt_labels >= 0)
         boxes, tgt_boxes = boxes.float(), tgt_boxes.float()
         cost_bbox = torch.cdist(boxes.reshape(-1, 4), tgt_boxes, p=1).view(*boxes.shape[:-1], -1)

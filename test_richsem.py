@@ -725,7 +725,7 @@ def ref_cost(logit_row, box, label, gt_box, alpha=0.25, gamma=2.0):
     cls = 0.0
     if label >= 0:
         p = 1 / (1 + math.exp(-float(logit_row[label])))
-        cls = alpha * (1 - p) ** gamma * -math.log(p) - (1 - alpha) * p ** gamma * -math.log(1 - p)
+        cls = alpha * (1 - p) ** gamma * -math.log(p + 1e-8) - (1 - alpha) * p ** gamma * -math.log(1 - p + 1e-8)
     l1 = sum(abs(float(x) - float(y)) for x, y in zip(box, gt_box))
 
     def xyxy(b):
@@ -833,6 +833,20 @@ def test_matcher_equals_brute_force(seed):
         for q, j in zip(qi.tolist(), gi.tolist()):
             got[j] = q
         assert tuple(got) == brute_force(out["pred_logits"][b], out["pred_boxes"][b], t["labels"], t["boxes"])
+
+
+def test_matcher_cost_saturates_as_dino():
+    """DINO's class cost caps -log p at -log 1e-8: between two confident queries the box decides, however far past
+    saturation the 100*cos logit of one of them is (an uncapped -log p would pick the deeper logit's worse box)."""
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.55, 0.55, 0.2, 0.2]]])  # exact box; box off by 0.05 (IoU 0.4)
+    logits = torch.tensor([[[30.0], [50.0]]])  # both past saturation in fp32 (and within 1e-5 of it in fp64)
+    cost = HungarianMatcher().cost_matrix(logits, boxes, torch.tensor([0]), gt)[0, :, 0]
+    expect = [ref_cost(logits[0, q], boxes[0, q], 0, gt[0]) for q in range(2)]
+    assert cost.tolist() == pytest.approx(expect, abs=1e-4)
+    (matches,) = HungarianMatcher()([{"pred_logits": logits, "pred_boxes": boxes}], [{"labels": torch.tensor([0]),
+                                                                                       "boxes": gt}])
+    assert matches[0][0].tolist() == [0]
 
 
 def test_matcher_list_equals_single_and_survives_nan():
