@@ -39,17 +39,19 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     """
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    # fp16/bf16 values are sampled in fp32, as the CUDA op does: a bf16 location is off by up to a pixel on large maps
+    dtype = torch.promote_types(value.dtype, torch.float32)
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
     samples = []
-    for lvl, (v, (H, W)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
+    for lvl, (v, (H, W)) in enumerate(zip(value.to(dtype).split(sizes, dim=1), spatial_shapes.tolist())):
         v = v.permute(0, 2, 3, 1).reshape(N * M, D, H, W)                         # (N*M, D, H, W)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(N * M, Lq, P, 2)         # (N*M, Lq, P, 2)
-        samples.append(F.grid_sample(v, g.to(v.dtype), mode="bilinear", padding_mode="zeros", align_corners=False))
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     samples = torch.stack(samples, dim=-2).flatten(-2)                           # (N*M, D, Lq, L*P)
-    attn = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
-    out = (samples * attn.to(samples.dtype)).sum(-1)                             # (N*M, D, Lq)
-    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+    attn = attention_weights.to(dtype).transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (samples * attn).sum(-1)                                               # (N*M, D, Lq)
+    return out.view(N, M * D, Lq).transpose(1, 2).to(value.dtype).contiguous()
 
 
 def _find_cuda_home():

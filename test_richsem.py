@@ -437,6 +437,17 @@ def test_postprocess_hand_case():
                                atol=1e-4)
 
 
+def test_reference_samples_bf16_values_at_fp32_locations():
+    """A bf16 value is sampled at the fp32 location, as the CUDA op does: rounding a location on a 167-pixel-wide map
+    to bf16 moves it by up to a third of a pixel."""
+    value, shapes, starts, loc, attn = random_problem(N=1, Lq=40, M=1, D=4, shapes=((3, 167),), P=2, seed=3)
+    value = value.bfloat16()
+    got = msda.ms_deform_attn_reference(value, shapes, starts, loc.float(), attn.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), bilinear_loop(value.double(), shapes, loc.float(), attn.float()),
+                               rtol=1e-2, atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The whole model, tiny, on CPU
 
