@@ -76,7 +76,9 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in buffers)
         if getattr(self, '_affine_key', None) != key:
-            with torch.no_grad():
+            # never as inference tensors (evaluate.predict's inference_mode), which a later training step could
+            # not save for backward
+            with torch.inference_mode(False), torch.no_grad():
                 scale = self.weight * (self.running_var + self.eps).rsqrt()
                 shift = self.bias - self.running_mean * scale
             self._affine_cache, self._affine_key = (scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)), key
@@ -110,6 +112,8 @@ class Backbone(nn.Module):
             self.body = net
         else:
             self.body = net.features  # the final norm and head are for classification
+            # a LayerNorm on each output, as the Swin of DINO (norm1-3 of its out_indices 1-3), new parameters
+            self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.num_channels)
 
     def forward(self, images):
         """images: (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32, W/32)]."""
@@ -123,7 +127,7 @@ class Backbone(nn.Module):
         for i, stage in enumerate(self.body):
             x = stage(x)
             if i in (3, 5, 7):  # the stages after patch merging to strides 8, 16, 32 (torchvision Swin is NHWC)
-                feats.append(x.permute(0, 3, 1, 2))
+                feats.append(self.out_norms[len(feats)](x).permute(0, 3, 1, 2))
         return feats
 
 

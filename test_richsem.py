@@ -589,6 +589,33 @@ def test_frozen_batchnorm_follows_its_buffers():
     assert torch.is_tensor(bn(x.float().requires_grad_())) and not bn.weight.requires_grad
 
 
+def test_frozen_batchnorm_trains_after_an_inference_mode_forward():
+    """evaluate.predict runs under inference_mode; a training step after it must still backpropagate through the
+    cached affine (its gradient by hand: weight / sqrt(var + eps) per channel)."""
+    torch.manual_seed(10)
+    bn = model.FrozenBatchNorm2d(3).double()
+    bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        bn(x.detach())
+    bn(x).sum().backward()
+    expect = (bn.weight / (bn.running_var + bn.eps).sqrt()).view(1, -1, 1, 1).expand_as(x)
+    torch.testing.assert_close(x.grad, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_swin_outputs_are_layer_normed():
+    """DINO's Swin puts a LayerNorm on each of its three outputs: at initialisation (weight 1, bias 0) every position's
+    channels have mean 0 and variance 1, which the raw residual stream has not."""
+    torch.manual_seed(11)
+    backbone = model.Backbone('swin_t', None)
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 64, 96))
+    for f, c, stride in zip(feats, (192, 384, 768), (8, 16, 32)):
+        assert f.shape == (1, c, 64 // stride, 96 // stride)
+        torch.testing.assert_close(f.mean(1), torch.zeros_like(f[:, 0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(f.var(1, unbiased=False), torch.ones_like(f[:, 0]), atol=1e-3, rtol=0)
+
+
 def test_heads_of_all_layers_at_once_equal_each_layer_alone():
     """forward applies the shared heads to all decoder layers in one call; each layer alone must give the same."""
     net = _tiny().double().train()
