@@ -197,7 +197,7 @@ class MSDeformAttn(nn.Module):
         """
         query: (B, Q, d); value: (B, S, d) with S = sum_l H_l W_l; value_mask: (B, S) bool, True = padding
         reference: (B, Q, L, 2) normalised (x, y) points, offsets in pixels of each level, or
-                   (B, Q, L, 4) cxcywh boxes, offsets in units of (num_points * half the box size)
+                   (B, Q, L, 4) cxcywh boxes, offsets in units of half the box size / num_points
         spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,) int64
         returns: (B, Q, d)
         """
@@ -588,7 +588,12 @@ class RichSem(nn.Module):
         out['aux_outputs'] = [{'pred_logits': l[:, n_dn:], 'pred_boxes': b[:, n_dn:]}
                               for l, b in zip(logits[:-1], boxes[:-1])]
         out['enc_outputs'] = enc_outputs
-        soft = self.semantic_branch(hs[-1], text_unit) if self.semantic_branch is not None else None
+        soft = None
+        if self.semantic_branch is not None:
+            # in fp32 even under autocast: the KL's softmax at temperature 1 sees absolute logit errors, and bf16
+            # rounds 100*cos logits in steps of 0.125-0.25
+            with torch.autocast(hs[-1].device.type, enabled=False):
+                soft = self.semantic_branch(fp32(hs[-1]), text_unit)
         if soft is not None:
             out['pred_soft'] = soft[:, n_dn:]
         if dn is not None:

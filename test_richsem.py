@@ -505,6 +505,24 @@ def test_training_forward_backward(tiny):
             assert name.startswith(('backbone.body.conv1', 'backbone.body.layer1')), name
 
 
+def test_semantic_branch_logits_are_fp32_under_autocast(tiny):
+    """The soft KL's softmax at temperature 1 sees absolute logit errors: under bf16 autocast the semantic branch must
+    still give 100 * cos to fp32 accuracy (float64 by hand from its input), not in bf16's steps of 0.125-0.25."""
+    tiny.train()
+    images, mask, targets = _batch()
+    seen = {}
+    hook = tiny.semantic_branch.register_forward_hook(lambda m, i, o: seen.update(h=i[0], out=o))
+    try:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = tiny(images, mask, targets)
+    finally:
+        hook.remove()
+    z = seen['h'].double() @ tiny.semantic_branch.proj.weight.double().T
+    expect = 100 * F.normalize(z, dim=-1) @ F.normalize(tiny.text_embed.double(), dim=-1).T
+    assert out['pred_soft'].dtype == torch.float32
+    torch.testing.assert_close(seen['out'].double(), expect, rtol=0, atol=1e-3)
+
+
 def test_label_proj_in_graph_without_boxes(tiny):
     tiny.train()
     images, mask, _ = _batch()
