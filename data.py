@@ -13,7 +13,12 @@ Every sample is (image (3, H, W) float ImageNet-normalised, target dict); target
     'boxes' (n, 4) float32 cxcywh normalised to the augmented size, 'labels' (n,) int64 in [0, C),
     'size' (2,) int64 (h, w) augmented, 'orig_size' (2,) int64 (h, w) original, 'image_id' int,
     'replaced' int: unreadable files swapped for another sample while building this one (summed by train.py,
-    since a counter inside a worker process would never reach the main process).
+    since a counter inside a worker process would never reach the main process). Evaluation swaps nothing, as an
+    image must keep its id: an unreadable val image comes as a blank one with 'unreadable' True, and gets no
+    detections (evaluate.predict).
+The training samplers yield (index, key) items and a sample's random draws (flip, scale, crop, mosaic partners) come
+from random.Random(key) alone: a resumed run draws what the uninterrupted one would have, whatever the number of
+worker processes. A bare index (evaluation, direct use) draws from the process's `random`.
 collate() pads a batch to multiples of 32: images (B, 3, H, W), mask (B, H, W) True = padding.
 """
 
@@ -54,17 +59,35 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
-def load_image(paths, idx):
+def sample_rng(item):
+    """A sampler's item -> (index, the sample's RNG): (index, key) -> random.Random(key); index -> `random`."""
+    if isinstance(item, tuple):
+        return item[0], random.Random(item[1])
+    return item, random
+
+
+def keyed(indices, name, seed, epoch, start, rank, world_size):
+    """This rank's shard of a pass, items (index, key) from position `start` on. The key names the sample's place
+    in the whole pass (shard position k is place k * world_size + rank), so it does not depend on the world size."""
+    return ((i, f"{name}/{seed}/{epoch}/{k * world_size + rank}")
+            for k, i in itertools.islice(enumerate(indices), start, None))
+
+
+def load_image(paths, idx, rng=random, replace=True):
     """
-    paths[idx] decoded as RGB; a file that cannot be read is logged and replaced by a random other index.
-    returns (PIL image, index actually used, number of replacements).
+    paths[idx] decoded as RGB. A file that cannot be read is logged and, with replace, swapped for a random other
+    index; without, returned as None.
+    returns (PIL image or None, index actually used, number of files that could not be read).
     """
     for tries in range(MAX_TRIES):
         try:
             return load_rgb(paths[idx]), idx, tries
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            if not replace:
+                log.warning("unreadable image %s (%s): it gets no detections", paths[idx], err)
+                return None, idx, 1
             log.warning("unreadable image %s (%s): using another sample", paths[idx], err)
-            idx = random.randrange(len(paths))
+            idx = rng.randrange(len(paths))
     raise RuntimeError(f"{MAX_TRIES} unreadable images in a row, the last {paths[idx]}: is the image folder right?")
 
 
@@ -119,13 +142,13 @@ def resize(img, boxes, short, max_size=None):
     return img.resize((nw, nh), Image.BILINEAR), boxes
 
 
-def random_crop(img, boxes, labels, size_range):
+def random_crop(img, boxes, labels, size_range, rng=random):
     """Crop a random window with width and height drawn from size_range (capped at the image); boxes are
     shifted and clipped to the window and those left with zero area are dropped with their labels."""
     w, h = img.size
-    cw = random.randint(min(size_range[0], w), min(size_range[1], w))
-    ch = random.randint(min(size_range[0], h), min(size_range[1], h))
-    x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
+    cw = rng.randint(min(size_range[0], w), min(size_range[1], w))
+    ch = rng.randint(min(size_range[0], h), min(size_range[1], h))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
     boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
     boxes = torch.stack([boxes[:, 0].clamp(0, cw), boxes[:, 1].clamp(0, ch),
                          boxes[:, 2].clamp(0, cw), boxes[:, 3].clamp(0, ch)], -1)
@@ -140,16 +163,16 @@ class TrainAugment:
     def __init__(self, scales=TRAIN_SCALES, max_size=MAX_SIZE, crop_scales=CROP_SCALES, crop_size=CROP_SIZE):
         self.scales, self.max_size, self.crop_scales, self.crop_size = scales, max_size, crop_scales, crop_size
 
-    def __call__(self, img, boxes, labels):
-        """img: PIL RGB; boxes (n, 4) float xyxy abs; labels (n,) -> the same three, augmented."""
-        if random.random() < 0.5:
+    def __call__(self, img, boxes, labels, rng=random):
+        """img: PIL RGB; boxes (n, 4) float xyxy abs; labels (n,); rng: the sample's -> the same three, augmented."""
+        if rng.random() < 0.5:
             img, boxes = hflip(img, boxes)
-        if random.random() < 0.5:
-            img, boxes = resize(img, boxes, random.choice(self.scales), self.max_size)
+        if rng.random() < 0.5:
+            img, boxes = resize(img, boxes, rng.choice(self.scales), self.max_size)
         else:
-            img, boxes = resize(img, boxes, random.choice(self.crop_scales))
-            img, boxes, labels = random_crop(img, boxes, labels, self.crop_size)
-            img, boxes = resize(img, boxes, random.choice(self.scales), self.max_size)
+            img, boxes = resize(img, boxes, rng.choice(self.crop_scales))
+            img, boxes, labels = random_crop(img, boxes, labels, self.crop_size, rng)
+            img, boxes = resize(img, boxes, rng.choice(self.scales), self.max_size)
         return img, boxes, labels
 
 
@@ -159,7 +182,7 @@ class EvalResize:
     def __init__(self, size=800, max_size=MAX_SIZE):
         self.size, self.max_size = size, max_size
 
-    def __call__(self, img, boxes, labels):
+    def __call__(self, img, boxes, labels, rng=None):
         img, boxes = resize(img, boxes, self.size, self.max_size)
         return img, boxes, labels
 
@@ -173,13 +196,14 @@ class LvisDetection(Dataset):
     dropped; images without boxes are kept (as in the official code: they still teach "background").
     Attributes: cat_ids (C,) LVIS ids in class order, class_names [C] raw LVIS names, class_image_counts (C,) int64,
     frequency [C] of 'r' / 'c' / 'f', image_ids (N,) int64 sorted.
+    replace_unreadable: swap an unreadable image for another (training), else keep its id, blank (evaluation).
     """
 
-    def __init__(self, ann_file, image_root, transform):
+    def __init__(self, ann_file, image_root, transform, replace_unreadable=True):
         _require(ann_file, "file", "LVIS annotation json")
         _require(image_root, "dir", "LVIS image folder")
         api = LVIS(ann_file)
-        self.ann_file, self.transform = ann_file, transform
+        self.ann_file, self.transform, self.replace_unreadable = ann_file, transform, replace_unreadable
         self.cat_ids = sorted(api.cats)
         cats = [api.cats[c] for c in self.cat_ids]
         self.class_names = [c["name"] for c in cats]
@@ -225,26 +249,31 @@ class LvisDetection(Dataset):
         """The set of classes in each image, [N] int64 arrays: what repeat-factor sampling needs."""
         return [np.unique(self.labels[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
-    def __getitem__(self, idx):
-        """returns image (3, h, w) normalised, target dict (boxes cxcywh normalised to (h, w))."""
-        img, idx, replaced = load_image(self.paths, idx)
+    def __getitem__(self, item):
+        """item: index or (index, key) -> image (3, h, w) normalised, target dict (boxes cxcywh normalised to (h, w))."""
+        idx, rng = sample_rng(item)
+        img, idx, replaced = load_image(self.paths, idx, rng, self.replace_unreadable)
         a, b = self.offsets[idx], self.offsets[idx + 1]
         boxes, labels = torch.from_numpy(self.boxes[a:b]), torch.from_numpy(self.labels[a:b])
         jw, jh = self.sizes[idx]
+        unreadable = img is None
+        if unreadable:
+            img, replaced = Image.new("RGB", (int(jw), int(jh))), 0
         if (img.width, img.height) != (jw, jh):  # a re-encoded copy: boxes live in the json's (width, height) frame
             boxes = boxes * torch.tensor([img.width / jw, img.height / jh] * 2)
         orig_size = torch.tensor([jh, jw])  # predictions are scored against the json's frame
-        img, boxes, labels = self.transform(img, boxes, labels)
+        img, boxes, labels = self.transform(img, boxes, labels, rng)
         image, boxes = to_normalised(img, boxes)
         return image, {"boxes": boxes, "labels": labels, "size": torch.tensor(image.shape[1:]),
-                       "orig_size": orig_size, "image_id": int(self.image_ids[idx]), "replaced": replaced}
+                       "orig_size": orig_size, "image_id": int(self.image_ids[idx]), "replaced": replaced,
+                       "unreadable": unreadable}
 
 
 def build_lvis(ann_file, image_root, train, scales=TRAIN_SCALES, max_size=MAX_SIZE, crop_scales=CROP_SCALES,
                crop_size=CROP_SIZE, eval_size=800):
     """LVIS dataset with the training augmentation (train=True) or the evaluation resize (eval_size, max_size)."""
     transform = TrainAugment(scales, max_size, crop_scales, crop_size) if train else EvalResize(eval_size, max_size)
-    return LvisDetection(ann_file, image_root, transform)
+    return LvisDetection(ann_file, image_root, transform, replace_unreadable=train)
 
 
 # ----------------------------------------------------------------------------------------------- INet-LVIS mosaic
@@ -279,23 +308,25 @@ class InetLvisMosaic(Dataset):
     def __len__(self):
         return len(self.image_ids)
 
-    def _tile(self, idx):
+    def _tile(self, idx, rng):
         """One augmented image with its whole-image box: (PIL image, box (1, 4) xyxy abs, label (1,), replaced)."""
-        img, idx, replaced = load_image(self.paths, idx)
+        img, idx, replaced = load_image(self.paths, idx, rng)
         box = torch.tensor([[0.0, 0.0, img.width, img.height]])
         # the augmentation never drops this box: a crop lies inside the image, so the box becomes the whole crop
-        img, box, label = self.augment(img, box, torch.from_numpy(self.labels[idx:idx + 1]))
+        img, box, label = self.augment(img, box, torch.from_numpy(self.labels[idx:idx + 1]), rng)
         return img, box, label, replaced
 
-    def __getitem__(self, idx):
-        """returns image (3, S, S) normalised, target with 4 boxes (cxcywh normalised to S) and their labels."""
+    def __getitem__(self, item):
+        """item: index or (index, key) -> image (3, S, S) normalised, target with 4 boxes (cxcywh normalised to S)
+        and their labels."""
+        idx, rng = sample_rng(item)
         S, half = self.canvas, self.canvas / 2
         canvas = np.full((S, S, 3), self.pad_value, dtype=np.uint8)
-        cx, cy = int(random.uniform(0.5, 1.5) * half), int(random.uniform(0.5, 1.5) * half)
-        others = [random.randrange(len(self)) for _ in range(3)]  # uniform over the set, duplicates allowed
+        cx, cy = int(rng.uniform(0.5, 1.5) * half), int(rng.uniform(0.5, 1.5) * half)
+        others = [rng.randrange(len(self)) for _ in range(3)]  # uniform over the set, duplicates allowed
         boxes, labels, replaced = [], [], 0
         for corner, i in enumerate([idx] + others):  # 0 top left, 1 top right, 2 bottom left, 3 bottom right
-            img, box, label, n = self._tile(i)
+            img, box, label, n = self._tile(i, rng)
             r = min(half / img.height, half / img.width)
             tw, th = max(1, int(img.width * r)), max(1, int(img.height * r))
             box = box * torch.tensor([tw / img.width, th / img.height] * 2)  # exact ratios: the box is the tile
@@ -342,7 +373,8 @@ class RepeatFactorSampler(Sampler):
     the list is shuffled, padded by its own head to a multiple of world_size, and rank takes [rank::world_size].
     The generator is seeded with seed + epoch, so every rank (same seed!) builds the same list and the shards are
     disjoint. len() is this epoch's shard length (computed on demand, so it is right before iteration starts).
-    skip: indices to leave out at the start of the next pass only (resuming mid-epoch without reading images).
+    Yields (index, key) items (see keyed). skip: items to leave out at the start of the next pass only (resuming
+    mid-epoch without reading images).
     """
 
     def __init__(self, image_classes, thresh=0.001, seed=0, rank=None, world_size=None):
@@ -369,7 +401,7 @@ class RepeatFactorSampler(Sampler):
 
     def __iter__(self):
         start, self.skip = self.skip, 0
-        return iter(self._shard()[start:])
+        return keyed(self._shard(), "lvis", self.seed, self.epoch, start, self.rank, self.world_size)
 
     def __len__(self):
         return len(self._shard())
@@ -383,7 +415,7 @@ class RepeatFactorSampler(Sampler):
 
 class ExtraSampler(DistributedSampler):
     """Shuffling distributed sampler for the mosaics, reshuffled at every pass (MixedLoader advances its epoch; the
-    official code never did, so each pass repeated the same order). skip: as RepeatFactorSampler's."""
+    official code never did, so each pass repeated the same order). Items and skip as RepeatFactorSampler's."""
 
     def __init__(self, dataset, seed=0, rank=None, world_size=None):
         rank, world_size = _rank_world(rank, world_size)
@@ -392,7 +424,7 @@ class ExtraSampler(DistributedSampler):
 
     def __iter__(self):
         start, self.skip = self.skip, 0
-        return itertools.islice(super().__iter__(), start, None)
+        return keyed(super().__iter__(), "extra", self.seed, self.epoch, start, self.rank, self.num_replicas)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -415,8 +447,8 @@ def collate(batch):
 
 def train_loader(dataset, sampler, batch_size, num_workers, seed=0):
     """Training loader: drop_last keeps every rank at the same number of steps (the samplers give equal shards).
-    Its own generator (seed: give each rank and loader its own) seeds the workers: without it, every new iterator
-    draws from torch's global RNG, and a resumed run, which starts its iterators elsewhere, would diverge."""
+    The augmentation draws from the samplers' keys; the loader's own generator (seed) only keeps the workers' seeds
+    off torch's global RNG, which DN noise and the federated classes draw from."""
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, collate_fn=collate,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))

@@ -1369,7 +1369,7 @@ def test_repeat_factor_expected_counts():
     epochs, counts = 800, np.zeros(10)
     for e in range(epochs):
         s.set_epoch(e)
-        idx = list(s)
+        idx = [i for i, _ in s]
         c = np.bincount(idx, minlength=10)
         # stochastic rounding: each image appears floor(r) or ceil(r) times
         assert all(math.floor(f) <= k <= math.ceil(f) for k, f in zip(c, TOY_FACTORS))
@@ -1386,13 +1386,17 @@ def test_repeat_factor_ranks_shards_and_epochs():
         full.set_epoch(epoch)
         for s in ranks:
             s.set_epoch(epoch)
-        whole = list(full)
-        shards = [list(s) for s in ranks]
+        items = list(full)
+        whole = [i for i, _ in items]
+        shard_items = [list(s) for s in ranks]
+        shards = [[i for i, _ in s] for s in shard_items]
         assert len({len(s) for s in shards}) == 1 and all(len(s) == len(ranks[0]) for s in ranks)
         padded = whole + whole[:(-len(whole)) % world]
         # every rank cut the same list: interleaving the shards gives back the single-process order
-        merged = [shards[r][k] for k in range(len(shards[0])) for r in range(world)]
-        assert merged == padded
+        merged = [shard_items[r][k] for k in range(len(shards[0])) for r in range(world)]
+        assert [i for i, _ in merged] == padded
+        # and the same samples get the same keys (augmentation draws) as in one process; all keys differ
+        assert merged[:len(whole)] == items and len({key for _, key in merged}) == len(merged)
         # the shards are disjoint positions of that list and cover it; padding is less than one per rank
         assert sorted(sum(shards, [])) == sorted(padded) and len(padded) - len(whole) < world
         orders.append(whole)
@@ -1551,6 +1555,13 @@ def test_bad_and_odd_images(tmp_path, caplog):
         total += sum(t["replaced"] for t in targets)
         ids += [t["image_id"] for t in targets]
     assert total >= 2 and len(ids) == 6 and set(ids) <= {1, 2, 3, 4}
+    # evaluation swaps nothing: every image keeps its id, an unreadable one comes blank at its json size, marked
+    ev = data.LvisDetection(tmp_path / "a.json", str(root), data.EvalResize(48), replace_unreadable=False)
+    got = [ev[i] for i in range(6)]
+    assert [t["image_id"] for _, t in got] == [1, 2, 3, 4, 5, 6]
+    assert [t["unreadable"] for _, t in got] == [False] * 4 + [True] * 2 and all(t["replaced"] == 0 for _, t in got)
+    assert got[4][0].shape == (3, 48, 64) and np.allclose(to_pixels(got[4][0]), 0, atol=1e-3)
+
 
 
 # ------------------------------------------------------------------------------------------ mosaic
@@ -1634,8 +1645,9 @@ class Numbers(Dataset):
     def __len__(self):
         return self.n
 
-    def __getitem__(self, i):
-        return torch.zeros(3, 8, 8), {"i": self.offset + i}
+    def __getitem__(self, item):
+        i, rng = data.sample_rng(item)
+        return torch.zeros(3, 8, 8), {"i": self.offset + i, "draw": rng.random()}
 
 
 def test_mixed_loader_pattern_and_extra_epochs():
@@ -1666,25 +1678,29 @@ def test_mixed_loader_pattern_and_extra_epochs():
 
 
 
-def test_mixed_loader_resumes_at_any_batch():
-    """A loader rebuilt from state_dict() at batch k continues exactly as the uninterrupted one (both sources),
-    for every k of two epochs, including mid-pattern and mid extra pass."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mixed_loader_resumes_at_any_batch(workers):
+    """A loader rebuilt from state_dict() at batch k continues exactly as the uninterrupted one (both sources, and
+    every sample's random draws), for every k of two epochs, including mid-pattern and mid extra pass; with worker
+    processes too, which restart after a resume (a few k: they take a while to start)."""
     def build():
         lvis = data.train_loader(Numbers(10, 0), data.RepeatFactorSampler([[0]] * 10, seed=0, rank=0, world_size=1),
-                                 batch_size=2, num_workers=0)
+                                 batch_size=2, num_workers=workers)
         extra_ds = Numbers(5, 100)
-        extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=0, world_size=1), 2, 0)
+        extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=0, world_size=1), 2, workers)
         return data.MixedLoader(lvis, extra, ratio=(2, 1))
 
     def ids(batch):
-        return (batch[3], tuple(t["i"] for t in batch[2]))
+        return (batch[3], tuple((t["i"], t["draw"]) for t in batch[2]))
 
     reference = []
     mixed = build()
     for epoch in range(2):
         mixed.set_epoch(epoch)
         reference += [ids(b) for b in mixed]
-    for k in range(len(reference)):
+    draws = [d for _, b in reference for _, d in b]
+    assert len(set(draws)) == len(draws) == 28  # 2 x (10 LVIS + 2 x 2 extra): each sample its own draws
+    for k in range(len(reference)) if workers == 0 else (4, 9):
         mixed, seen = build(), []
         for epoch in range(2):
             mixed.set_epoch(epoch)
@@ -1701,6 +1717,7 @@ def test_mixed_loader_resumes_at_any_batch():
             resumed.set_epoch(e)
             seen += [ids(b) for b in resumed]
         assert seen == reference, f"resumed after {k} batches"
+
 
 # ------------------------------------------------------------------------------------------ real mini data
 
@@ -1927,6 +1944,17 @@ def test_evaluate_two_ranks_equals_one_rank(tmp_path):
     with open(tmp_path / 'two' / 'metrics.json') as f:
         assert json.dumps(json.load(f)) == json.dumps(two)
     assert sorted(os.listdir(tmp_path / 'two')) == ['metrics.json', 'results.json']
+
+
+def test_predict_gives_unreadable_images_no_detections(tmp_path):
+    _write_images(tmp_path, [(64, 48), (64, 48)])
+    (tmp_path / "2.png").write_bytes((tmp_path / "2.png").read_bytes()[:100])  # truncated
+    ann = _write_lvis(tmp_path / "val.json", {1: ([], [], [(1, [0, 0, 8, 8])]), 2: ([], [], [(1, [0, 0, 8, 8])])},
+                      TINY_FREQ, {1: (64, 48), 2: (64, 48)})
+    dataset = data.build_lvis(ann, str(tmp_path), train=False, eval_size=48, max_size=96)
+    with pytest.warns(UserWarning, match="1 unreadable images got no detections"):
+        preds = evaluate.predict(_tiny_model(), data.eval_loader(dataset, 2, 0, 0, 1), "cpu")
+    assert {p["image_id"] for p in preds} == {1} and len(preds) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2206,13 +2234,14 @@ def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
     with open(os.path.join(run_a, 'config.json')) as f:
         assert json.load(f)['d_model'] == 64
 
-    # interrupted after 1 step (mid epoch 0), then resumed to 3
+    # interrupted after 1 step (mid epoch 0), then resumed to 3; with 2 data workers where run_a had none, as the
+    # augmentation's draws belong to the samples, not to the processes
     out = str(tmp_path)
-    train.main(argv(world, out, '--max_iters', '1'))
+    train.main(argv(world, out, '--max_iters', '1', '--num_workers', '2'))
     b1 = load(os.path.join(out, 'checkpoint.pth'))
     assert (b1['epoch'], b1['iteration']) == (0, 1) and (b1['sampler']['epoch'], b1['sampler']['position']) == (0, 1)
     assert all(s['step'] == 1 for s in b1['optimizer']['state'].values())
-    model = train.main(argv(world, out, '--max_iters', '3', '--resume', 'auto'))
+    model = train.main(argv(world, out, '--max_iters', '3', '--resume', 'auto', '--num_workers', '2'))
     assert [r['iter'] for r in read_log(out)] == [1, 2, 3]
     assert [r['source'] for r in read_log(out)] == ['lvis', 'extra', 'lvis']
     b = load(os.path.join(out, 'checkpoint.pth'))

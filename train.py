@@ -393,7 +393,8 @@ def train(args, ddp, rank, world_size, device):
         scheduler.load_state_dict(ckpt['scheduler'])
         loader.load_state_dict(ckpt['sampler'])
         start_epoch, iteration = ckpt['epoch'], ckpt['iteration']
-        # the per-rank RNG states make the continuation exact (with --num_workers 0: worker processes reseed)
+        # exact continuation: the per-rank RNG states for DN noise and federated classes; the augmentation draws
+        # from the samplers' per-sample keys, whatever --num_workers
         rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
         changed = {k: (v, getattr(args, k)) for k, v in ckpt['args'].items()
                    if getattr(args, k, v) != v and k not in ('resume', 'max_iters', 'compile')}
@@ -429,7 +430,7 @@ def train(args, ddp, rank, world_size, device):
     model.train()
     for epoch in range(start_epoch, args.epochs):
         loader.set_epoch(epoch)  # a resumed epoch keeps its position: the loader skips what was trained on
-        if rng is not None:  # so that the next batch is augmented as in the interrupted run
+        if rng is not None:  # so that the next step draws its noise as in the interrupted run
             set_rng_state(rng, device)
             rng = None
         for step, (images, mask, targets, source) in enumerate(loader, start=loader.position):
