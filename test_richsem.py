@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import types
@@ -2219,6 +2220,19 @@ def test_args_toy_defaults_and_conflicts():
     assert train.get_args(['--dataset', 'toy', '--device', 'cuda']).max_iters is None
     assert train.get_args(['--dataset', 'toy', '--device', 'cpu', '--max_iters', '7']).max_iters == 7
     assert train.get_args(['--device', 'cpu']).max_iters is None
+
+
+def test_val_json_with_other_classes_is_refused_at_start(world, tmp_path):
+    root = tmp_path / 'w'
+    shutil.copytree(world, root)
+    with open(root / 'lvis_v1_val.json') as f:
+        val = json.load(f)
+    val['categories'][0]['id'] = 7  # same number of classes, another id
+    val['annotations'] = [a for a in val['annotations'] if a['category_id'] != 1]
+    with open(root / 'lvis_v1_val.json', 'w') as f:
+        json.dump(val, f)
+    with pytest.raises(ValueError, match='lvis_v1_val.json has other category ids than .*lvis_v1_train.json'):
+        train.main(argv(str(root), str(tmp_path / 'out')))
 
 
 def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):

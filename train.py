@@ -196,6 +196,9 @@ def build_data(args, ddp, rank, world_size):
         image_root, extra_root = args.data_path, args.extra_path
     train_set = data.build_lvis(train_json, image_root, True, scales, max_size, **crop)
     val_set = data.build_lvis(val_json, image_root, False, max_size=max_size, eval_size=size(800)[0])
+    if val_set.cat_ids != train_set.cat_ids:  # the detector's classes are the training json's
+        raise ValueError(f'{val_json} has other category ids than {train_json} ({len(val_set.cat_ids)} against '
+                         f'{len(train_set.cat_ids)}): it cannot evaluate a model trained on them')
     # the same seed on every rank: all ranks build the same repeat-factor list and take disjoint shards of it
     sampler = data.RepeatFactorSampler(train_set.image_classes(), seed=args.seed, rank=rank, world_size=world_size)
     lvis = data.train_loader(train_set, sampler, args.batch_size, args.num_workers, seed=args.seed + rank)
