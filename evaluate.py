@@ -324,7 +324,8 @@ def main(argv=None):
     p.add_argument('--data_path', help='LVIS root: lvis_v1_val.json and the COCO image folders train2017/, val2017/')
     p.add_argument('--ann_file', help='annotation json (default <data_path>/lvis_v1_val.json)')
     p.add_argument('--image_root', help='image root (default <data_path>)')
-    p.add_argument('--out_dir', help='result shards, results.json, metrics.json (default <ckpt folder>/eval)')
+    p.add_argument('--out_dir', help='result shards, results.json, metrics.json (default <ckpt folder>/eval_<ckpt '
+                                     'name>: not the eval/ a training run in that folder writes)')
     p.add_argument('--eval_size', type=int, default=800, help='short side of the resized image (official: 800)')
     p.add_argument('--batch_size', type=int, default=1, help='per rank; 1 keeps AP independent of the world size')
     p.add_argument('--num_workers', type=int, default=4)
@@ -371,7 +372,8 @@ def main(argv=None):
             raise ValueError(f'{args.ckpt} was trained on other classes than those of {ann_file}')
     if model.text_embed.shape[0] != len(dataset.cat_ids):
         raise ValueError(f'the model has {model.text_embed.shape[0]} classes, {ann_file} {len(dataset.cat_ids)}')
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'eval')
+    stem = os.path.splitext(os.path.basename(args.ckpt))[0]
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f'eval_{stem}')
     metrics = evaluate(model.to(device), dataset, device, out_dir=out_dir, batch_size=args.batch_size,
                        num_workers=args.num_workers, amp=not args.fp32)
     if metrics is not None:
