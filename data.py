@@ -202,8 +202,14 @@ class LvisDetection(Dataset):
     def __init__(self, ann_file, image_root, transform, replace_unreadable=True):
         _require(ann_file, "file", "LVIS annotation json")
         _require(image_root, "dir", "LVIS image folder")
-        api = LVIS(ann_file)
         self.ann_file, self.transform, self.replace_unreadable = ann_file, transform, replace_unreadable
+        try:  # a missing field or a bad value would otherwise surface as a bare KeyError deep in here
+            self._index(LVIS(ann_file), image_root)
+        except (KeyError, IndexError, TypeError, ValueError, AssertionError) as err:  # JSONDecodeError: ValueError
+            raise ValueError(f"{ann_file}: malformed LVIS annotations ({type(err).__name__}: {err})") from err
+
+    def _index(self, api, image_root):
+        """The attributes of the docstring and the flat box arrays, from the lvis API object."""
         self.cat_ids = sorted(api.cats)
         cats = [api.cats[c] for c in self.cat_ids]
         self.class_names = [c["name"] for c in cats]
@@ -215,7 +221,7 @@ class LvisDetection(Dataset):
         self.image_ids = np.array([img["id"] for img in images], dtype=np.int64)
         paths = [lvis_image_path(img, image_root) for img in images]
         for folder in sorted({os.path.dirname(p) for p in paths}):
-            _require(folder, "dir", f"folder of the images of {ann_file}")
+            _require(folder, "dir", f"folder of the images of {self.ann_file}")
         # One flat array per field instead of per-image python objects: worker processes read them without
         # touching reference counts, so copy-on-write pages stay shared (a 100k-image list of dicts would not).
         self.paths = np.array(paths)
@@ -234,6 +240,11 @@ class LvisDetection(Dataset):
     def _clean_boxes(anns, w, h, index):
         """anns: LVIS dicts with bbox xywh -> boxes (n, 4) xyxy clipped to (w, h), labels (n,); crowd and empty gone."""
         anns = [a for a in anns if not a.get("iscrowd", 0)]
+        for a in anns:
+            if len(a["bbox"]) != 4:
+                raise ValueError(f"annotation {a.get('id')}: bbox {a['bbox']} is not [x, y, w, h]")
+            if a["category_id"] not in index:
+                raise ValueError(f"annotation {a.get('id')}: category_id {a['category_id']} is not a category")
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, w)
@@ -292,16 +303,22 @@ class InetLvisMosaic(Dataset):
         ann_file = os.path.join(root, "imagenet_lvis_image_info.json")
         _require(ann_file, "file", "INet-LVIS image-info json (Detic's imagenet_lvis_image_info.json)")
         _require(os.path.join(root, "images"), "dir", "INet-LVIS image folder")
-        with open(ann_file) as f:
-            images = sorted(json.load(f)["images"], key=lambda img: img["id"])
+        try:
+            with open(ann_file) as f:
+                images = sorted(json.load(f)["images"], key=lambda img: img["id"])
+            ids = [img["id"] for img in images]
+            first = [img["pos_category_ids"][0] for img in images]  # the image's label (Detic's format)
+            names = [img["file_name"] for img in images]
+        except (KeyError, IndexError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{ann_file}: malformed INet-LVIS image info ({type(err).__name__}: {err})") from err
         index = {c: i for i, c in enumerate(cat_ids)}
-        unknown = {img["pos_category_ids"][0] for img in images} - set(index)
+        unknown = set(first) - set(index)
         if unknown:
             raise ValueError(f"{ann_file}: category ids {sorted(unknown)[:10]} are not in the LVIS class list")
         self.augment, self.canvas, self.pad_value = augment, canvas, pad_value
-        self.image_ids = np.array([img["id"] for img in images], dtype=np.int64)
-        self.labels = np.array([index[img["pos_category_ids"][0]] for img in images], dtype=np.int64)
-        self.paths = np.array([os.path.join(root, "images", img["file_name"]) for img in images])
+        self.image_ids = np.array(ids, dtype=np.int64)
+        self.labels = np.array([index[c] for c in first], dtype=np.int64)
+        self.paths = np.array([os.path.join(root, "images", n) for n in names])
         for folder in sorted({os.path.dirname(p) for p in self.paths}):
             _require(folder, "dir", f"folder of the images of {ann_file}")
 

@@ -1522,6 +1522,38 @@ def test_missing_files_named(tmp_path):
         data.InetLvisMosaic(str(tmp_path), [1], data.TrainAugment())
 
 
+def test_malformed_annotations_named(tmp_path):
+    """Every way a json can be wrong gives a ValueError that names the file and what is wrong in it."""
+    (tmp_path / "imgs").mkdir()
+    image = {"id": 1, "file_name": "x.jpg", "width": 4, "height": 4}
+    ann = {"id": 9, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4}
+    cases = [("truncated", None, "JSONDecodeError"),
+             ("no_count", lambda d: d["categories"][0].pop("image_count"), "image_count"),
+             ("no_width", lambda d: d["images"][0].pop("width"), "width"),
+             ("three", lambda d: d["annotations"][0].update(bbox=[0, 0, 2]), r"annotation 9: bbox \[0, 0, 2\]"),
+             ("unknown", lambda d: d["annotations"][0].update(category_id=99), "annotation 9: category_id 99")]
+    for name, edit, needle in cases:
+        path = lvis_json(tmp_path / f"{name}.json", [dict(image)], [dict(ann)], n_cats=2)
+        with open(path) as f:
+            d = json.load(f)
+        if edit is None:
+            (tmp_path / f"{name}.json").write_text(json.dumps(d)[:40])
+        else:
+            edit(d)
+            with open(path, "w") as f:
+                json.dump(d, f)
+        with pytest.raises(ValueError, match=f"{re.escape(path)}: malformed LVIS annotations .*{needle}"):
+            data.LvisDetection(path, str(tmp_path / "imgs"), data.EvalResize())
+    (tmp_path / "images").mkdir()
+    info = tmp_path / "imagenet_lvis_image_info.json"
+    for text, needle in [('{"images": [{"id": 1, "file_name": "a.jpg", "pos_cat', "JSONDecodeError"),
+                         (json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "pos_category_ids": []}]}),
+                          "IndexError")]:
+        info.write_text(text)
+        with pytest.raises(ValueError, match=f"{re.escape(str(info))}: malformed INet-LVIS image info .*{needle}"):
+            data.InetLvisMosaic(str(tmp_path), [1], data.TrainAugment())
+
+
 def test_bad_and_odd_images(tmp_path, caplog):
     root = tmp_path / "imgs"
     root.mkdir()
