@@ -2324,6 +2324,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, m
     assert all(torch.isfinite(v).all() for v in last['model'].values() if v.is_floating_point())
 
 
+def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(world, run_a, tmp_path, monkeypatch):
+    """--save_every 1: a run killed during iteration 2 (mid epoch 0) resumes from iteration 1 and ends bit-identical
+    to the uninterrupted run."""
+    step, calls = train.train_step, [0]
+
+    def killed(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt  # what a SIGKILL or a dead node leaves is the same: the files on disk
+        return step(*args, **kwargs)
+
+    out = str(tmp_path)
+    monkeypatch.setattr(train, 'train_step', killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv(world, out, '--max_iters', '3', '--save_every', '1'))
+    saved = load(os.path.join(out, 'checkpoint.pth'))
+    assert (saved['epoch'], saved['iteration'], saved['sampler']['position']) == (0, 1, 1)
+    monkeypatch.setattr(train, 'train_step', step)
+    train.main(argv(world, out, '--max_iters', '3', '--save_every', '1', '--resume', 'auto'))
+    a, b = load(os.path.join(run_a, 'checkpoint.pth')), load(os.path.join(out, 'checkpoint.pth'))
+    assert b['iteration'] == 3
+    assert_same_tree(b['model'], a['model'])
+    assert_same_tree(b['optimizer'], a['optimizer'])
+
+
 def _ddp_worker(rank, world_size, port, root, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))

@@ -27,7 +27,8 @@ The paper's ablations (Table 3, R50 1x), each one flag on top of the command abo
 A smoke run: --max_iters 20 stops early, then checkpoints and evaluates as at the end of training.
 
 Writes to --out_dir: config.json (the effective settings), log.jsonl (one record per progress line and evaluation),
-checkpoint.pth (the latest) and checkpoint_eXX.pth (after each epoch).
+checkpoint.pth (the latest: every --save_every iterations and after each epoch) and checkpoint_eXX.pth (after each
+epoch).
 """
 
 import argparse
@@ -111,6 +112,8 @@ def get_args(argv=None):
     p.add_argument('--resume', default=None, help="a checkpoint PATH, or 'auto': <out_dir>/checkpoint.pth if any")
     p.add_argument('--eval_every', type=int, default=1, help='evaluate every N epochs and at the end; 0: never')
     p.add_argument('--log_every', type=int, default=20, help='iterations between progress lines')
+    p.add_argument('--save_every', type=int, default=2000,
+                   help='also checkpoint every N iterations, mid-epoch (a killed run loses at most N); 0: epoch ends')
     # parse twice: the toy's defaults replace the paper's, and whatever the command line says still wins
     known = p.parse_known_args(argv)[0]
     if known.dataset == 'toy':
@@ -169,8 +172,12 @@ def set_rng_state(state, device):
 
 
 def save_atomic(obj, path):
-    """A crash while writing leaves the previous file intact: write a temp file beside it, then rename."""
-    torch.save(obj, path + '.tmp')
+    """A crash while writing leaves the previous file intact: write a temp file beside it, flush it to the disk
+    (else a node that dies right after the rename can leave an empty file on some filesystems), then rename."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
 
 
@@ -479,6 +486,8 @@ def train(args, ddp, rank, world_size, device):
             if args.max_iters is not None and iteration >= args.max_iters:
                 stopped_early = True
                 break
+            if args.save_every > 0 and iteration % args.save_every == 0:
+                save_checkpoint(epoch)  # mid-epoch: the loader's position comes with it
         if stopped_early:
             save_checkpoint(epoch)
             break
