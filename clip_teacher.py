@@ -129,12 +129,13 @@ class ClipTeacher(nn.Module):
         return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
 
     @torch.no_grad()  # not inference_mode: the logits become loss targets, and inference tensors can't be saved
-    def box_logits(self, images, boxes, text_embed):
+    def box_logits(self, images, boxes, text_embed, amp=True):
         """
         images: (B, 3, H, W) the detector's ImageNet-normalised, zero-padded batch (H, W multiples of 32).
         boxes: list of B tensors (n_i, 4) xyxy in absolute pixels of the padded frame (= unpadded pixels, since
             images are top-left aligned); n_i may be 0.
         text_embed: (C, E) class text embeddings (normalised here).
+        amp: the tower in bf16 on the GPU (train.py --fp32 turns it off).
         Returns a list of B float32 tensors (n_i, C): 100 * cos(box embedding, class text embedding).
         """
         counts = [len(b) for b in boxes]
@@ -144,7 +145,7 @@ class ClipTeacher(nn.Module):
         keep = [i for i, n in enumerate(counts) if n > 0]
         x = images[keep] * self.renorm_scale + self.renorm_shift
         # the teacher is frozen and runs every step on full-size batches: bf16 on GPU halves its cost
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=images.is_cuda):
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp and images.is_cuda):
             c5 = self.c5_features(x.contiguous(memory_format=torch.channels_last))
             # RoIAlign in float32 (bf16 box coordinates would be off by pixels); aligned=True and adaptive
             # sampling as detectron2's ROIAlign in the official code

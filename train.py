@@ -73,7 +73,8 @@ def get_args(argv=None):
     p.add_argument('--no_extra', action='store_true', help='LVIS only (no extra mosaic batches)')
     p.add_argument('--unlabeled_extra', action='store_true', help='ignore the extra labels; Eq. 7 pseudo labels')
     p.add_argument('--pseudo_threshold', type=float, default=0.05,
-                   help='Eq. 7: teacher argmax is the label if its softmax prob > this (official code: 0.05)')
+                   help="Eq. 7: the teacher's argmax is the label if its softmax prob > this, else the box keeps "
+                        "no hard label (the official code's unused path, also 0.05, made a box of every class above it)")
     p.add_argument('--image_scale', type=float, default=1.0,
                    help='multiplies every image size of the recipe: short side 480-800, long <= 1333, crops, '
                         'mosaic canvas 1280, eval 800')
@@ -100,7 +101,7 @@ def get_args(argv=None):
     p.add_argument('--batch_size', type=int, default=2, help='images per GPU and step')
     p.add_argument('--epochs', type=int, default=12, help='an epoch is one repeat-factor pass over LVIS')
     p.add_argument('--lr_drop', type=int, default=11, help='lr x0.1 from this epoch on')
-    p.add_argument('--fp32', action='store_true', help='no bf16 autocast on the GPU')
+    p.add_argument('--fp32', action='store_true', help='no bf16 autocast on the GPU (detector and teacher)')
     p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=True,
                    help='torch.compile the model, loss and teacher blocks on the GPU (faster steps after a few '
                         'minutes of compiling)')
@@ -233,10 +234,10 @@ def build_teacher(args, class_names, paths, device, ddp, rank):
     return (teacher if needed else None), text_embed
 
 
-def add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold):
+def add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold, amp=True):
     """Adds 'teacher_logits' (n, C) to every target; pseudo_threshold given (unlabeled extra data): also replaces
-    the labels by the teacher's confident argmax, -1 where it is unsure (Eq. 7)."""
-    logits = teacher.box_logits(images, boxes_from_targets(targets), text_embed)
+    the labels by the teacher's confident argmax, -1 where it is unsure (Eq. 7). amp: the teacher in bf16."""
+    logits = teacher.box_logits(images, boxes_from_targets(targets), text_embed, amp)
     for t, l in zip(targets, logits):
         t['teacher_logits'] = l
         if pseudo_threshold is not None:
@@ -299,7 +300,7 @@ def train_step(model, criterion, optimizer, params, images, mask, targets, amp, 
     """
     if teacher is not None:
         with record_function('teacher'):
-            add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold)
+            add_teacher_targets(teacher, images, targets, text_embed, pseudo_threshold, amp)
     with record_function('forward'), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(images, mask, targets)
     with record_function('losses'):
