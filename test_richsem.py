@@ -2354,9 +2354,17 @@ def _ddp_worker(rank, world_size, port, root, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     patch_teacher(root)
+    step, own = train.train_step, []
+
+    def recording(*args, **kwargs):
+        result = step(*args, **kwargs)
+        own.append(result[0].item())  # this rank's loss
+        return result
+
+    train.train_step = recording
     # 1 LVIS image per rank; evaluation after epoch 0 and at the stop, over both ranks
     model = train.main(argv(root, out, '--max_iters', '3', '--batch_size', '1', '--eval_every', '1'))
-    torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+    torch.save({'model': model.state_dict(), 'losses': own}, os.path.join(out, f'rank{rank}.pt'))
 
 
 def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
@@ -2365,14 +2373,19 @@ def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
         port = s.getsockname()[1]
     out = str(tmp_path)
     mp.spawn(_ddp_worker, args=(2, port, world, out), nprocs=2, join=True)
-    w0, w1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in range(2))
-    assert_same_tree(w0, w1)
+    r0, r1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in range(2))
+    assert_same_tree(r0['model'], r1['model'])
     ckpt = load(os.path.join(out, 'checkpoint.pth'))
     assert ckpt['iteration'] == 3 and len(ckpt['rng']) == 2
-    # the ranks drew different augmentations (their own seeds): without the gradient all-reduce they would differ
+    # the ranks drew different DN noise (their own seeds) on different images: without the gradient all-reduce
+    # their weights would differ
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
     log = read_log(out)
     assert [r['iter'] for r in log if 'loss' in r] == [1, 2, 3]
+    # the logged loss is the mean of the ranks' own
+    assert r0['losses'] != r1['losses']
+    assert [r['loss'] for r in log if 'loss' in r] == pytest.approx([(a + b) / 2 for a, b in zip(r0['losses'],
+                                                                                                r1['losses'])])
     evals = [r for r in log if 'eval' in r]
     assert [r['iter'] for r in evals] == [2, 3]
     # the 2-rank evaluation inside training = one process evaluating the final checkpoint on its own

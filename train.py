@@ -470,7 +470,12 @@ def train(args, ddp, rank, world_size, device):
 
             if iteration % args.log_every == 0 or iteration == total_iters:
                 dt, t0 = time.time() - t0, time.time()
-                terms = dict(zip(losses, torch.stack(list(losses.values())).tolist()))
+                values = torch.stack([loss.detach(), *losses.values()])
+                if ddp:  # the mean over ranks, as DINO logs it (all ranks log at the same iterations)
+                    dist.all_reduce(values)
+                    values /= world_size
+                mean_loss, *rest = values.tolist()
+                terms = dict(zip(losses, rest))
                 speed = (iteration - it_start) * args.batch_size * world_size / (time.time() - t_start)
                 eta = (total_iters - iteration) * (time.time() - t_start) / (iteration - it_start)
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
@@ -478,10 +483,10 @@ def train(args, ddp, rank, world_size, device):
                 if master:
                     main_terms = ' '.join(f'{k[5:]} {terms[k]:.3f}' for k in
                                           ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_soft') if k in terms)
-                    print(f'iter {iteration}/{total_iters} | epoch {epoch} | {source:5s} | loss {loss.item():.3f} '
+                    print(f'iter {iteration}/{total_iters} | epoch {epoch} | {source:5s} | loss {mean_loss:.3f} '
                           f'({main_terms}) | lr {lr:.1e} | {speed:.1f} img/s | eta {eta / 60:.1f} min | '
                           f'mem {mem:.1f} GB | replaced {int(status[2].item())}')
-                log({'iter': iteration, 'epoch': epoch, 'source': source, 'loss': loss.item(), **terms, 'lr': lr,
+                log({'iter': iteration, 'epoch': epoch, 'source': source, 'loss': mean_loss, **terms, 'lr': lr,
                      'grad_norm': grad_norm.item(), 'img_per_s': speed, 'eta_s': eta, 'mem_gb': mem,
                      'replaced': int(status[2].item()), 'time_s': dt})
             if args.max_iters is not None and iteration >= args.max_iters:
