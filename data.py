@@ -261,7 +261,8 @@ class LvisDetection(Dataset):
         return [np.unique(self.labels[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def __getitem__(self, item):
-        """item: index or (index, key) -> image (3, h, w) normalised, target dict (boxes cxcywh normalised to (h, w))."""
+        """item: index or (index, key) -> image (3, h, w) normalised, target dict (boxes cxcywh normalised to
+        (h, w))."""
         idx, rng = sample_rng(item)
         img, idx, replaced = load_image(self.paths, idx, rng, self.replace_unreadable)
         a, b = self.offsets[idx], self.offsets[idx + 1]

@@ -495,7 +495,11 @@ def teacher_accuracy(paths, device='cpu'):
     teacher = ClipTeacher('RN50', pretrained=paths['teacher_ckpt'], model_cfg=paths['teacher_cfg'],
                           cache_dir=os.path.dirname(paths['teacher_ckpt'])).to(device)
     text = F.normalize(teacher.text_embeddings(CLASS_NAMES).to(device), dim=-1)
-    val = data.LvisDetection(paths['val_json'], paths['image_root'], transform=lambda img, boxes, labels, rng: (img, boxes, labels))  # native
+
+    def native(img, boxes, labels, rng):  # the images at their own size
+        return img, boxes, labels
+
+    val = data.LvisDetection(paths['val_json'], paths['image_root'], transform=native)
     px = TEACHER_CFG['vision_cfg']['image_size']
     crops, crop_labels = object_crops(paths['val_json'], paths['image_root'], EVAL_MARGIN, px)
     feats = torch.cat([teacher.model.encode_image(clip_normalise(crops[i:i + 256].to(device)))

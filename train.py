@@ -73,8 +73,9 @@ def get_args(argv=None):
     p.add_argument('--no_extra', action='store_true', help='LVIS only (no extra mosaic batches)')
     p.add_argument('--unlabeled_extra', action='store_true', help='ignore the extra labels; Eq. 7 pseudo labels')
     p.add_argument('--pseudo_threshold', type=float, default=0.05,
-                   help="Eq. 7: the teacher's argmax is the label if its softmax prob > this, else the box keeps "
-                        "no hard label (the official code's unused path, also 0.05, made a box of every class above it)")
+                   help="Eq. 7: the teacher's argmax is the label if its softmax prob > this, else the box "
+                        "keeps no hard label (the official code's unused path, also 0.05, made a box of every "
+                        "class above it)")
     p.add_argument('--image_scale', type=float, default=1.0,
                    help='multiplies every image size of the recipe: short side 480-800, long <= 1333, crops, '
                         'mosaic canvas 1280, eval 800')
