@@ -292,6 +292,28 @@ def test_msda_initial_offsets_are_head_directions():
                 np.testing.assert_allclose(bias[m, lvl, p].detach().numpy(), unit * (p + 1), atol=1e-5)
 
 
+def test_msda_offsets_are_pixels_of_each_axis_and_half_boxes():
+    """A value map whose channels hold each pixel's (x, y): an offset of (+1, +1) from the centre of pixel (1, 0) of a
+    3 x 5 map reads (2, 1); so does an offset of (+1, +1) x half the size of a 2-pixel box (P = 1) there."""
+    attn = MSDeformAttn(4, 1, 1, 1).double()
+    for lin in (attn.sampling_offsets, attn.attention_weights):
+        nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+    for lin in (attn.value_proj, attn.output_proj):
+        lin.weight.data = torch.eye(4, dtype=torch.float64)
+        nn.init.zeros_(lin.bias)
+    attn.sampling_offsets.bias.data = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    H, W = 3, 5
+    xs, ys = torch.meshgrid(torch.arange(W, dtype=torch.float64), torch.arange(H, dtype=torch.float64), indexing='xy')
+    value = torch.stack([xs, ys, xs * 0, xs * 0], -1).reshape(1, H * W, 4)
+    args = (value, torch.tensor([[H, W]]), torch.tensor([0]), torch.zeros(1, H * W, dtype=torch.bool))
+    query = torch.zeros(1, 1, 4, dtype=torch.float64)
+    point = torch.tensor([[[[1.5 / W, 0.5 / H]]]], dtype=torch.float64)
+    box = torch.tensor([[[[1.5 / W, 0.5 / H, 2.0 / W, 2.0 / H]]]], dtype=torch.float64)
+    for reference in (point, box):
+        got = attn(query, reference, *args)[0, 0, :2]
+        torch.testing.assert_close(got, torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Contrastive denoising
 
@@ -417,6 +439,18 @@ def test_encoder_proposals_hand_case():
     assert valid[0, [0, 1, 2, 4]].all()
 
 
+def test_valid_ratios_and_encoder_reference_points_hand_case():
+    """An image valid on 4 rows x 3 columns of a 4 x 6 level-0 map: ratios (w, h) = (0.5, 1); the centre of level 0's
+    pixel (row 0, col 1) is at x = 1.5 / 6 there, i.e. 1.5 / 3 of the valid width, which on a level whose valid
+    ratio is 2 / 3 is x = 1.5 / 3 * 2 / 3."""
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[:, :, 3:] = True
+    assert model.valid_ratios(mask).tolist() == [[0.5, 1.0]]
+    refs = model.encoder_reference_points([(4, 6), (2, 3)], torch.tensor([[[0.5, 1.0], [2 / 3, 1.0]]]))
+    torch.testing.assert_close(refs[0, 1, 0], torch.tensor([1.5 / 6, 0.5 / 4]))
+    torch.testing.assert_close(refs[0, 1, 1], torch.tensor([1.5 / 3 * 2 / 3, 0.5 / 4]))
+
+
 def test_contrast_is_100_cos():
     torch.manual_seed(5)
     x, text = torch.randn(3, 6, 32, dtype=torch.float64), torch.randn(10, 32, dtype=torch.float64)
@@ -532,6 +566,22 @@ def test_label_proj_in_graph_without_boxes(tiny):
     tiny.zero_grad()
     out['pred_logits'].sum().backward()
     assert tiny.label_proj.weight.grad is not None
+
+
+def test_matching_queries_do_not_see_the_denoising_queries():
+    """The DN attention mask: in float64 the matching queries' outputs of a training forward (with 2 x 3 DN groups of
+    GT answers beside them) equal those of an inference forward without any (the model has no dropout)."""
+    net = _tiny().double()
+    images, mask, targets = _batch()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    net.train()
+    with torch.no_grad():
+        train_out = net(images.double(), mask, targets)
+        net.eval()
+        eval_out = net(images.double(), mask)
+    assert 'dn_outputs' in train_out
+    for key in ('pred_logits', 'pred_boxes'):
+        torch.testing.assert_close(train_out[key], eval_out[key], rtol=1e-9, atol=1e-9)
 
 
 def test_eval_outputs_and_checkpoint_without_semantic_branch(tiny):
@@ -1054,6 +1104,36 @@ def test_criterion_end_to_end():
     assert outputs["dn_outputs"][-1]["pred_soft"].grad.abs().sum() > 0
 
 
+def test_criterion_pairs_each_image_with_its_own_gt():
+    """Two images, one GT each, and in each image one query sitting exactly on its own GT: zero box losses (a GT
+    index that forgot the image's offset in the batch would pair the second query with the first image's GT)."""
+    boxes = torch.full((2, 4, 4), 0.9)
+    boxes[..., 2:] = 0.05
+    gt = [torch.tensor([[0.2, 0.2, 0.1, 0.1]]), torch.tensor([[0.5, 0.3, 0.2, 0.1]])]
+    boxes[0, 1], boxes[1, 2] = gt[0][0], gt[1][0]
+    targets = [{'labels': torch.tensor([0]), 'boxes': gt[0]}, {'labels': torch.tensor([2]), 'boxes': gt[1]}]
+    losses = SetCriterion(3, torch.ones(3), fed_num_classes=3)({'pred_logits': torch.zeros(2, 4, 3),
+                                                                 'pred_boxes': boxes}, targets)
+    assert losses['loss_bbox'].item() == 0 and abs(losses['loss_giou'].item()) < 1e-6
+
+
+def test_loss_ce_hand_value():
+    """Two queries, three classes, one GT of class 2 matched to query 0: the focal sum over all six logits (the
+    positive at (0, 2) only), by hand in float64, over one box."""
+    logits = torch.tensor([[[2.0, -1.0, 0.5], [-3.0, 1.0, 0.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]])
+    targets = [{'labels': torch.tensor([2]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    got = SetCriterion(3, torch.ones(3), fed_num_classes=3)({'pred_logits': logits, 'pred_boxes': boxes},
+                                                             targets)['loss_ce'].item()
+
+    def focal(x, positive, alpha=0.25, gamma=2.0):
+        p = 1 / (1 + math.exp(-x))
+        pt = p if positive else 1 - p
+        return (alpha if positive else 1 - alpha) * (1 - pt) ** gamma * -math.log(pt)
+    ref = sum(focal(logits[0, q, c].item(), (q, c) == (0, 2)) for q in range(2) for c in range(3))
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
 def test_label_minus_one_excluded_from_ce():
     outputs, targets = make_case(1)
     crit = SetCriterion(LC, torch.ones(LC), fed_num_classes=LC)  # every class in the subset: no sampling luck
@@ -1193,6 +1273,18 @@ def test_grid_follows_attnpool(tmp_path, name, grid):
     box = torch.tensor([[0., 0., image_size, image_size]])
     out = teacher.box_logits(imagenet_normalise(raw), [box], text_embed)[0]
     torch.testing.assert_close(out, clip_logits_of_whole_images(teacher, raw, text_embed), atol=1e-4, rtol=0)
+
+
+def test_box_logits_of_a_sub_box_are_its_c5_cells(tmp_path):
+    """The right half of a 64 x 128 image, [64, 0, 128, 64], covers C5 cells rows 0-1, columns 2-3 exactly: its
+    logits are CLIP's attention pool over those cells (a box with x and y swapped would read other cells)."""
+    teacher = tiny_teacher(tmp_path)
+    images, text = torch.randn(1, 3, 64, 128), torch.randn(5, 32)
+    got = teacher.box_logits(images, [torch.tensor([[64.0, 0.0, 128.0, 64.0]])], text)[0]
+    with torch.no_grad():
+        c5 = teacher.c5_features(images * teacher.renorm_scale + teacher.renorm_shift)
+        feat = F.normalize(teacher.model.visual.attnpool(c5[:, :, 0:2, 2:4]), dim=-1)
+    torch.testing.assert_close(got, 100 * feat @ F.normalize(text, dim=-1).T, atol=1e-4, rtol=0)
 
 
 def test_checkpoint_path_loads(tmp_path):
@@ -1988,6 +2080,31 @@ def test_predict_gives_unreadable_images_no_detections(tmp_path):
     with pytest.warns(UserWarning, match="1 unreadable images got no detections"):
         preds = evaluate.predict(_tiny_model(), data.eval_loader(dataset, 2, 0, 0, 1), "cpu")
     assert {p["image_id"] for p in preds} == {1} and len(preds) > 0
+
+
+class OneBox(nn.Module):
+    """A stand-in detector: one query, box `box` (cxcywh, normalised), class 1 of 2 confident."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.box, self.p = box, nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, mask):
+        logits = torch.full((len(images), 1, 2), -20.0)
+        logits[:, 0, 1] = 5.0
+        return {'pred_logits': logits, 'pred_boxes': self.box.expand(len(images), 1, 4)}
+
+
+def test_predict_boxes_are_xywh_in_original_pixels(tmp_path):
+    """A 200 x 100 image evaluated at short side 50: the box (0.5, 0.5, 0.5, 0.5) is [50, 25, 100, 50] in the json's
+    pixels (xywh), and class 1 is category id 2."""
+    Image.new('RGB', (200, 100)).save(tmp_path / 'a.png')
+    cats = [{'id': i, 'name': n, 'image_count': 1, 'frequency': 'r'} for i, n in ((1, 'a'), (2, 'b'))]
+    (tmp_path / 'a.json').write_text(json.dumps({'images': [{'id': 5, 'file_name': 'a.png', 'width': 200,
+                                                              'height': 100}], 'annotations': [], 'categories': cats}))
+    ds = data.build_lvis(str(tmp_path / 'a.json'), str(tmp_path), train=False, eval_size=50)
+    res = evaluate.predict(OneBox(torch.tensor([0.5, 0.5, 0.5, 0.5])), data.eval_loader(ds, 1, 0, 0, 1), 'cpu')
+    assert (res[0]['category_id'], res[0]['image_id'], res[0]['bbox']) == (2, 5, [50.0, 25.0, 100.0, 50.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
