@@ -2372,6 +2372,43 @@ def test_args_toy_defaults_and_conflicts():
     assert train.get_args(['--device', 'cpu']).max_iters is None
 
 
+def test_optimizer_groups_and_gradient_clipping():
+    """Backbone parameters at --lr_backbone, the rest at --lr, frozen ones nowhere; and the step sees the gradient
+    clipped to --clip_max_norm (its total norm by hand in float64)."""
+    net = _tiny()
+    args = train.get_args(['--device', 'cpu', '--lr', '2e-4', '--lr_backbone', '3e-5'])
+    optimizer, params = train.build_optimizer(args, net, torch.device('cpu'))
+    lr_of = {id(p): g['lr'] for g in optimizer.param_groups for p in g['params']}
+    for name, p in net.named_parameters():
+        assert lr_of.get(id(p)) == (None if not p.requires_grad else 3e-5 if name.startswith('backbone.') else 2e-4)
+    assert all(g['weight_decay'] == 1e-4 for g in optimizer.param_groups)
+    norms, step = [], optimizer.step
+
+    def spy(*args, **kwargs):
+        norms.append(math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in params if p.grad is not None)))
+        return step(*args, **kwargs)
+    optimizer.step = spy
+    images, mask, targets = _batch()
+    grad_norm = train.train_step(net, SetCriterion(C, torch.ones(C)), optimizer, params, images, mask, targets,
+                                 False, 1e-3)[2]
+    assert grad_norm.item() > 1e-2 and norms == [pytest.approx(1e-3, rel=1e-4)]
+
+
+def test_federated_weights_are_sqrt_image_counts(world, tmp_path, monkeypatch):
+    """The criterion samples negatives in proportion to sqrt(image_count) of the training json (the official code)."""
+    seen = []
+
+    class Spy(SetCriterion):
+        def __init__(self, num_classes, fed_weights, **kwargs):
+            seen.append(fed_weights.clone())
+            super().__init__(num_classes, fed_weights, **kwargs)
+    monkeypatch.setattr(train, 'SetCriterion', Spy)
+    train.main(argv(world, str(tmp_path), '--max_iters', '1'))
+    with open(os.path.join(world, 'lvis_v1_train.json')) as f:
+        counts = [c['image_count'] for c in sorted(json.load(f)['categories'], key=lambda c: c['id'])]
+    torch.testing.assert_close(seen[0].double(), torch.tensor(counts, dtype=torch.float64).sqrt())
+
+
 def test_val_json_with_other_classes_is_refused_at_start(world, tmp_path):
     root = tmp_path / 'w'
     shutil.copytree(world, root)
