@@ -328,10 +328,11 @@ def _targets(counts, labels=None):
 
 
 def test_cdn_group_count_and_layout():
-    for counts, dn_number in [([3, 1], 100), ([7, 0, 2], 100), ([150], 100), ([2], 10), ([1, 1], 1)]:
+    # groups = 200 // (2 * max GT) with dn_number 100 (DINO), at least 1: 200 // 6 = 33, 200 // 14 = 14, ...
+    for counts, dn_number, G in [([3, 1], 100, 33), ([7, 0, 2], 100, 14), ([150], 100, 1), ([2], 10, 5),
+                                 ([1, 1], 1, 1)]:
         labels, boxes, valid, mask, meta = prepare_cdn(_targets(counts), 10, 5, dn_number, 0.0, 0.0)
         m = max(counts)
-        G = max(1, (2 * dn_number) // (2 * m))
         assert meta == {'num_groups': G, 'max_gt': m}
         assert labels.shape == (len(counts), 2 * G * m) and boxes.shape == (len(counts), 2 * G * m, 4)
     # Without noise every copy equals its GT, at the contract's indices.
@@ -516,7 +517,7 @@ def test_training_forward_backward(tiny):
     tiny.train()
     images, mask, targets = _batch()
     out = tiny(images, mask, targets)
-    Q, G, m = 30, max(1, 20 // 6), 3
+    Q, G, m = 30, 3, 3  # dn_number 10: 20 // (2 * 3) = 3 groups of the 3 GT slots
     assert out['pred_logits'].shape == (2, Q, C) and out['pred_boxes'].shape == (2, Q, 4)
     assert len(out['aux_outputs']) == 1 and out['enc_outputs']['pred_logits'].shape == (2, Q, C)
     assert out['pred_soft'].shape == (2, Q, C)
