@@ -326,6 +326,8 @@ def bench_step(args):
              ('official', OFFICIAL_AMP, 'official', True, None, False),
              ('bf16', BF16, 'ours', True, False, True), ('teacher', TEACHER, 'ours', True, True, True),
              ('eager', EAGER, 'ours', True, False, False), ('fp32', 'ours fp32', 'ours', False, False, True)]
+    if 'official' in args.rows and not args.official:
+        print("note: --rows official needs --official DIR (the official DINO checkout); its rows are left out")
     impls = [i[1:] for i in impls if i[0] in args.rows and (i[2] == 'ours' or args.official)]
     cuda = device.type == 'cuda'
     steps, peaks, notes, models = {}, {}, [], {}
@@ -636,11 +638,12 @@ def bench_eval(args):
         forward_ms = time_steps(forward, args.warmup, args.infer_images, device)[0]
         where = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (fp32)'
         print(f'\nInference, batch 1 at {h}x{w} (padded to multiples of 32), R50 4-scale, 900 queries, '
-              f'{args.num_classes} classes, bf16 autocast, top {evaluate.MAX_DETS} detections; {where}')
+              f'{args.num_classes} classes, {"bf16 autocast" if amp else "fp32"}, top {evaluate.MAX_DETS} '
+              f'detections; {where}')
         print('| what | ms/image | images/s |')
         print('|---|---|---|')
-        print(f'| model + postprocess (input on the GPU), median of {args.infer_images} | {forward_ms:.1f} | '
-              f'{1e3 / forward_ms:.1f} |')
+        print(f'| model + postprocess (input on the {"GPU" if amp else "CPU"}), median of {args.infer_images} | '
+              f'{forward_ms:.1f} | {1e3 / forward_ms:.1f} |')
         print(f'| evaluate.predict (host->device copy, model, postprocess, result dicts), {args.infer_images} '
               f'images | {1e3 * predict_s / args.infer_images:.1f} | {args.infer_images / predict_s:.1f} |')
         del model
