@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -2520,6 +2521,22 @@ def _ddp_worker(rank, world_size, port, root, out):
     # 1 LVIS image per rank; evaluation after epoch 0 and at the stop, over both ranks
     model = train.main(argv(root, out, '--max_iters', '3', '--batch_size', '1', '--eval_every', '1'))
     torch.save({'model': model.state_dict(), 'losses': own}, os.path.join(out, f'rank{rank}.pt'))
+
+
+def _mean_worker(rank, world_size, port, out):
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    terms = [{'loss': 1.0, 'loss_ce_dn': 4.0, 'loss_ce': 2.0}, {'loss': 3.0, 'loss_ce': 6.0}][rank]  # rank 1: no GT
+    torch.save(train.mean_over_ranks(terms, True, world_size), os.path.join(out, f'mean{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_logged_terms_are_means_over_the_ranks_that_have_them(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mean_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f'mean{r}.pt') == {'loss': 2.0, 'loss_ce_dn': 4.0, 'loss_ce': 4.0}
 
 
 def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):

@@ -113,7 +113,9 @@ def get_args(argv=None):
     p.add_argument('--max_iters', type=int, default=None, help='stop after this many steps in all (smoke runs)')
     p.add_argument('--resume', default=None, help="a checkpoint PATH, or 'auto': <out_dir>/checkpoint.pth if any")
     p.add_argument('--eval_every', type=int, default=1, help='evaluate every N epochs and at the end; 0: never')
-    p.add_argument('--log_every', type=int, default=20, help='iterations between progress lines')
+    p.add_argument('--log_every', type=int, default=25,
+                   help='iterations between progress lines (odd: with LVIS and extra batches alternating, the lines '
+                        'alternate too)')
     p.add_argument('--save_every', type=int, default=2000,
                    help='also checkpoint every N iterations, mid-epoch (a killed run loses at most N); 0: epoch ends')
     # parse twice: the toy's defaults replace the paper's, and whatever the command line says still wins
@@ -158,6 +160,17 @@ def rank_zero_first(ddp, rank):
     yield
     if ddp and rank == 0:
         dist.barrier()
+
+
+def mean_over_ranks(terms, ddp, world_size):
+    """terms: {name: float} of this rank -> the mean of each name over the ranks that have it (a rank whose batch has
+    no box has no DN terms), as DINO logs its losses. Every rank must call this at the same step."""
+    if not ddp:
+        return terms
+    every = [None] * world_size
+    dist.all_gather_object(every, terms)
+    names = list(dict.fromkeys(k for d in every for k in d))  # rank 0's order first
+    return {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in names}
 
 
 def rng_state(device):
@@ -471,12 +484,9 @@ def train(args, ddp, rank, world_size, device):
 
             if iteration % args.log_every == 0 or iteration == total_iters:
                 dt, t0 = time.time() - t0, time.time()
-                values = torch.stack([loss.detach(), *losses.values()])
-                if ddp:  # the mean over ranks, as DINO logs it (all ranks log at the same iterations)
-                    dist.all_reduce(values)
-                    values /= world_size
-                mean_loss, *rest = values.tolist()
-                terms = dict(zip(losses, rest))
+                values = torch.stack([loss.detach(), *losses.values()]).tolist()  # one host sync
+                terms = mean_over_ranks(dict(zip(['loss', *losses], values)), ddp, world_size)
+                mean_loss = terms.pop('loss')
                 speed = (iteration - it_start) * args.batch_size * world_size / (time.time() - t_start)
                 eta = (total_iters - iteration) * (time.time() - t_start) / (iteration - it_start)
                 mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else 0.0
