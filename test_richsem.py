@@ -1254,7 +1254,6 @@ def test_box_logits_shapes_and_whole_image_equality(tmp_path):
     out = teacher.box_logits(images, boxes, text_embed)
     assert [o.shape for o in out] == [(3, 5), (0, 5)]
     assert all(o.dtype == torch.float32 and not o.requires_grad for o in out)
-    assert out[0].abs().max() <= 100 + 1e-4
     ref = clip_logits_of_whole_images(teacher, raw, text_embed)
     torch.testing.assert_close(out[0][0], ref[0], atol=1e-4, rtol=0)
     # boxes of the second image only: the C5 map used must still be that of image 1
