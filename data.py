@@ -77,7 +77,7 @@ def load_image(paths, idx, rng=random, replace=True):
     """
     paths[idx] decoded as RGB. A file that cannot be read is logged and, with replace, swapped for a random other
     index; without, returned as None.
-    returns (PIL image or None, index actually used, number of files that could not be read).
+    returns (PIL image or None, index actually used, number of replacements).
     """
     for tries in range(MAX_TRIES):
         try:
@@ -85,7 +85,7 @@ def load_image(paths, idx, rng=random, replace=True):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             if not replace:
                 log.warning("unreadable image %s (%s): it gets no detections", paths[idx], err)
-                return None, idx, 1
+                return None, idx, 0
             log.warning("unreadable image %s (%s): using another sample", paths[idx], err)
             idx = rng.randrange(len(paths))
     raise RuntimeError(f"{MAX_TRIES} unreadable images in a row, the last {paths[idx]}: is the image folder right?")
@@ -270,7 +270,7 @@ class LvisDetection(Dataset):
         jw, jh = self.sizes[idx]
         unreadable = img is None
         if unreadable:
-            img, replaced = Image.new("RGB", (int(jw), int(jh))), 0
+            img = Image.new("RGB", (int(jw), int(jh)))
         if (img.width, img.height) != (jw, jh):  # a re-encoded copy: boxes live in the json's (width, height) frame
             boxes = boxes * torch.tensor([img.width / jw, img.height / jh] * 2)
         orig_size = torch.tensor([jh, jw])  # predictions are scored against the json's frame

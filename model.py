@@ -588,17 +588,15 @@ class RichSem(nn.Module):
         out['aux_outputs'] = [{'pred_logits': l[:, n_dn:], 'pred_boxes': b[:, n_dn:]}
                               for l, b in zip(logits[:-1], boxes[:-1])]
         out['enc_outputs'] = enc_outputs
-        soft = None
         if self.semantic_branch is not None:
             # in fp32 even under autocast: the KL's softmax at temperature 1 sees absolute logit errors, and bf16
             # rounds 100*cos logits in steps of 0.125-0.25
             with torch.autocast(hs[-1].device.type, enabled=False):
                 soft = self.semantic_branch(fp32(hs[-1]), text_unit)
-        if soft is not None:
             out['pred_soft'] = soft[:, n_dn:]
         if dn is not None:
             out['dn_outputs'] = [{'pred_logits': l[:, :n_dn], 'pred_boxes': b[:, :n_dn]} for l, b in zip(logits, boxes)]
-            if soft is not None:
+            if self.semantic_branch is not None:
                 out['dn_outputs'][-1]['pred_soft'] = soft[:, :n_dn]
             out['dn_meta'] = dn_meta
         return out
