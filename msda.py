@@ -81,15 +81,17 @@ def load_op(verbose=False):
         os.environ["CUDA_HOME"] = cuda_home
         import torch.utils.cpp_extension as cpp_extension
         cpp_extension.CUDA_HOME = cuda_home  # in case it was imported before with a wrong guess
-        # Build for the GPUs we can see; on a machine without one (CI) for Hopper, so that compilation is still
-        # tested there. A visible GPU is never required to compile.
+        # Build for the GPUs we can see (or $TORCH_CUDA_ARCH_LIST); on a machine without one (CI) for Hopper, so that
+        # compilation is still tested there. A visible GPU is never required to compile. An explicit -gencode
+        # replaces torch's own arch flags.
+        arch = []
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            arch = ["-gencode=arch=compute_90,code=sm_90"]
         try:
             _op = cpp_extension.load(
                 name="richsem_msda",
                 sources=[os.path.join(_CSRC, "msda.cpp"), os.path.join(_CSRC, "msda_cuda.cu")],
-                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"] + arch, verbose=verbose)
         except Exception as e:  # a compiler error is long: keep its tail, which names the cause
             _op_failed = f"building csrc/ failed: {str(e)[-2000:]}"
     if _op_failed is not None:

@@ -124,9 +124,14 @@ def test_missing_nvcc_falls_back_with_a_clear_warning(monkeypatch):
 
 
 @pytest.mark.skipif(msda._find_cuda_home() is None, reason="needs nvcc (the CUDA compiler)")
-def test_op_compiles_without_a_gpu():
-    """The extension must build from csrc/ with the local nvcc and torch, GPU or not (the original needed one)."""
+def test_op_compiles_without_a_gpu(monkeypatch):
+    """The extension must build from csrc/ with the local nvcc and torch, GPU or not (the original needed one), and
+    choosing the arch without a GPU must not leave TORCH_CUDA_ARCH_LIST set for whatever the process builds next."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(msda, "_op", None)  # build (or load from torch's cache) even if an earlier test did
+    monkeypatch.setattr(msda, "_op_failed", None)
     assert msda.load_op() is not None, msda._op_failed
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
 def cuda_vs_reference(dtype, D, seed, N=2, Lq=7, M=3, shapes=((9, 7), (5, 4), (2, 3)), P=4):
