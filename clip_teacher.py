@@ -1,5 +1,5 @@
 """
-The frozen CLIP teacher of RichSem (paper Sec. 3.1, Eq. 1-2; official code spec Sec. 1).
+The frozen CLIP teacher of RichSem (paper Sec. 3.1, Eq. 1-2; MengLcool/RichSem models/richsem/richsem.py:CLIPAlign).
 
 For every box b of an image I it gives "rich semantics" s = 100 * cos(Pool(V(I), b), t_c) over the C classes,
 the target of the semantic branch's KL loss:
@@ -28,12 +28,14 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 from torchvision.ops import roi_align
 
+from losses import box_cxcywh_to_xyxy
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # the official prompt list: the bare name, then OpenAI's 80 ImageNet templates (as '{}' format strings)
 PROMPT_TEMPLATES = ('{}.',) + tuple(t('{}') for t in OPENAI_IMAGENET_TEMPLATES)
 LOGIT_SCALE = 100.0  # exp(logit_scale) of the OpenAI checkpoints; fixed so a random-init tower behaves the same
-TEXT_CHUNK = 512     # prompts per encode_text call: 1203 names x 81 templates at once would not fit in memory
+TEXT_CHUNK = 512     # class names per encode_text call (the templates go one at a time)
 
 
 class ClipTeacher(nn.Module):
@@ -159,13 +161,12 @@ class ClipTeacher(nn.Module):
 
 def boxes_from_targets(targets):
     """
-    targets: list of contract target dicts ('boxes' (n, 4) cxcywh normalised to 'size' (h, w)) ->
+    targets: list of data.py target dicts ('boxes' (n, 4) cxcywh normalised to 'size' (h, w)) ->
     list of (n, 4) float32 xyxy boxes in absolute pixels, the input of ClipTeacher.box_logits.
     """
     out = []
     for t in targets:
-        cx, cy, bw, bh = t['boxes'].float().unbind(-1)
-        xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+        xyxy = box_cxcywh_to_xyxy(t['boxes'].float())
         whwh = t['size'].to(xyxy.device, torch.float32)[[1, 0, 1, 0]]  # on the device: .tolist() would be a host sync
         out.append(xyxy * whwh)
     return out
@@ -204,7 +205,7 @@ def hard_labels_from_teacher(teacher_logits, threshold):
     """
     Paper Eq. 7, for boxes without any label: the teacher's top class becomes the hard label if it is confident.
     teacher_logits: (n, C) 100*cos logits. Returns (n,) int64: argmax class where its softmax probability
-    > threshold, else -1 (the contract's "no hard label": the box keeps its box and soft losses only).
+    > threshold, else -1 (data.py's "no hard label": the box keeps its box and soft losses only).
     """
     prob, label = teacher_logits.float().softmax(dim=-1).max(dim=-1)
     return torch.where(prob > threshold, label, torch.full_like(label, -1))

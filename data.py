@@ -9,7 +9,7 @@ the repeat-factor sampler, and the loader that alternates whole batches between 
     Training alternates LVIS and INet-LVIS batches 1:1 (paper Sec. 4: images of a batch come from one dataset);
     an epoch is one pass of the LVIS sampler.
 
-Every sample is (image (3, H, W) float ImageNet-normalised, target dict); target as in contract.md:
+Every sample is (image (3, H, W) float ImageNet-normalised, target dict), the format every module uses:
     'boxes' (n, 4) float32 cxcywh normalised to the augmented size, 'labels' (n,) int64 in [0, C),
     'size' (2,) int64 (h, w) augmented, 'orig_size' (2,) int64 (h, w) original, 'image_id' int,
     'replaced' int: unreadable files swapped for another sample while building this one (summed by train.py,
@@ -225,7 +225,7 @@ class LvisDetection(Dataset):
         # One flat array per field instead of per-image python objects: worker processes read them without
         # touching reference counts, so copy-on-write pages stay shared (a 100k-image list of dicts would not).
         self.paths = np.array(paths)
-        self.sizes = np.array([[img["width"], img["height"]] for img in images], dtype=np.float32)
+        self.sizes = np.array([[img["width"], img["height"]] for img in images], dtype=np.float32)  # (N, 2) w, h
         boxes, labels, counts = [], [], []
         for img in images:
             b, l = self._clean_boxes(api.img_ann_map[img["id"]], img["width"], img["height"], index)

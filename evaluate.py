@@ -200,9 +200,9 @@ def load_checkpoint(path):
     return model, ckpt.get('class_names')
 
 
-# Official RichSem / DINO state-dict key -> ours (official-richsem-code.md Sec. 7). First matching rule wins; None
-# means dropped on purpose. Official RichSem's dummy class 'none' (column 0) lives only in its text embedding, which
-# is not stored: no tensor here has a class axis, and our class c is its column c + 1.
+# Official RichSem / DINO state-dict key -> ours (the released R50 checkpoint's checkpoint['model']). First matching
+# rule wins; None means dropped on purpose. Official RichSem's dummy class 'none' (column 0) lives only in its text
+# embedding, which is not stored: no tensor here has a class axis, and our class c is its column c + 1.
 OFFICIAL_KEY_RULES = [
     (r'(class_embed|transformer\.enc_out_class_embed)\.clip\..*', None),       # the two frozen CLIP RN50 copies
     (r'(class_embed|transformer\.enc_out_class_embed)\.logit_scale', None),    # ln 100, a constant in our contrast()

@@ -162,17 +162,17 @@ class HungarianMatcher(nn.Module):
 # federated loss (Zhou et al. 2021): supervise the GT classes plus a few sampled negatives, not all ~1200 classes
 
 
-def sample_federated_classes(labels, weights, num_classes, num_samples=1):
+def sample_federated_classes(labels, weights, num_chosen, num_samples=1):
     """labels: (N,) GT labels of the batch (-1 ignored); weights: (C,) >= 0 sampling weights, 0 = never sampled
     -> classes (S, k) int64, keep (S, k) bool for S = num_samples independent samples; sample s is classes[s][keep[s]]:
     every GT class plus classes drawn without replacement with probability proportional to `weights` until
-    `num_classes` are chosen (only the GT classes if there are that many). k = min(C, max(num_classes, N)), known on
+    `num_chosen` are chosen (only the GT classes if there are that many). k = min(C, max(num_chosen, N)), known on
     the host, so nothing here waits for the GPU.
 
     The draw is the exponential race: ranking weights / Exp(1) noise gives the order of successive draws without
     replacement. torch.multinomial computes exactly this too, but first checks its input with two .item() host syncs."""
     C = weights.numel()
-    k = min(C, max(num_classes, labels.numel()))
+    k = min(C, max(num_chosen, labels.numel()))
     # label -1 goes to a spare slot C that is cut off; scatter of a value, unlike `in_gt[idx] = True`, needs no sync
     in_gt = torch.zeros(C + 1, dtype=torch.bool, device=weights.device)
     in_gt = in_gt.scatter_(0, torch.where(labels >= 0, labels, C), True)[:C]
@@ -180,8 +180,8 @@ def sample_federated_classes(labels, weights, num_classes, num_samples=1):
     score = torch.where(weights > 0, weights.float() / noise, -1.0)  # weight 0: never drawn
     score = torch.where(in_gt, float("inf"), score)                  # GT classes rank first, the draws follow them
     top, classes = score.topk(k, dim=-1)
-    # rank < num_classes keeps the GT classes and then the first (num_classes - #GT classes) draws
-    keep = in_gt[classes] | ((top > 0) & (torch.arange(k, device=top.device) < num_classes))
+    # rank < num_chosen keeps the GT classes and then the first (num_chosen - #GT classes) draws
+    keep = in_gt[classes] | ((top > 0) & (torch.arange(k, device=top.device) < num_chosen))
     return classes, keep
 
 
@@ -267,7 +267,7 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def dn_pairs(sizes, num_groups, max_gt, num_layers, device):
-        """The fixed DN assignment (contract layout): positive copy g*2*m + j of image b <-> GT j of image b,
+        """The fixed DN assignment (prepare_cdn's layout): positive copy g*2*m + j of image b <-> GT j of image b,
         in every layer -> (layer, batch, query, gt) (M,) each, grouped by layer, gt indexing the concatenated GT"""
         batch, query, gt, start = [], [], [], 0
         groups = torch.arange(num_groups, device=device)
@@ -291,7 +291,7 @@ class SetCriterion(nn.Module):
         return n.clamp(min=1)
 
     def forward(self, outputs, targets):
-        """outputs: the model's training dict (contract): 'pred_logits' (B, Q, C), 'pred_boxes' (B, Q, 4),
+        """outputs: the model's training dict: 'pred_logits' (B, Q, C), 'pred_boxes' (B, Q, 4),
         'aux_outputs' (L-1 dicts), 'enc_outputs' (same B, Q), optional 'pred_soft' (B, Q, C), 'dn_outputs' (L dicts
         of (B, Ndn, .), the last with 'pred_soft') and 'dn_meta' {'num_groups', 'max_gt'}
         targets: B dicts {'labels' (n_b,), 'boxes' (n_b, 4), optional 'teacher_logits' (n_b, C)}

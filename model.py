@@ -11,7 +11,8 @@ Boxes are normalised cxcywh in [0, 1] of the unpadded image; masks are True at p
 Box arithmetic (sigmoid, inverse sigmoid, refinement, proposals) runs in fp32 so that bf16 autocast is safe.
 
 Checkpoints: the semantic branch (keys 'semantic_branch.*') is for training only; a model built without it loads a
-checkpoint with those keys dropped. The text embedding is a buffer, so checkpoints carry it.
+checkpoint once those keys are dropped (evaluate.load_checkpoint drops them). The text embedding is a buffer, so
+checkpoints carry it.
 """
 
 import math
@@ -410,6 +411,8 @@ class RichSem(nn.Module):
     def __init__(self, text_embed, backbone='r50', backbone_weights='default', d_model=256, nheads=8, enc_layers=6,
                  dec_layers=6, dim_feedforward=2048, num_queries=900, num_points=4, num_levels=4, dn_number=100,
                  dn_label_noise=0.5, dn_box_noise=1.0, semantic_branch=True):
+        """text_embed: (C, E) CLIP text embeddings of the class names, one row per class (kept, un-normalised, as a
+        buffer); semantic_branch: build the training-only head that learns the teacher's distribution."""
         super().__init__()
         embed_dim = text_embed.shape[1]
         self.register_buffer('text_embed', text_embed.detach().float().clone())  # (C, E), un-normalised
@@ -533,7 +536,8 @@ class RichSem(nn.Module):
         """
         Iterative refinement: each layer moves its reference box by bbox_head(h) and passes it on detached.
         tgt: (B, Nq, d); anchors: (B, Nq, 4) logit space -> hs: per layer the normed output (B, Nq, d);
-        refs: dec_layers + 1 boxes (B, Nq, 4), refs[0] the anchors, refs[i + 1] layer i's refinement (not detached).
+        refs: dec_layers + 1 boxes (B, Nq, 4), refs[0] = sigmoid(anchors), refs[i + 1] layer i's refinement (not
+        detached).
         """
         ref = fp32(anchors).sigmoid()
         ratios4 = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
@@ -579,7 +583,7 @@ class RichSem(nn.Module):
         # Look forward twice: layer i's box refines layer i-1's (undetached) box, so its loss trains both layers.
         # All layers' heads in one call each (the heads are shared): a few large kernels instead of many small ones.
         layers = slice(None) if self.training else slice(-1, None)
-        h, ref = torch.stack(hs[layers]), torch.stack(refs[:-1][layers])  # (K, B, Nq, d), (K, B, Nq, 4)
+        h, ref = torch.stack(hs[layers]), torch.stack(refs[:-1][layers])  # (layers, B, Nq, d), (layers, B, Nq, 4)
         logits = self.class_head(h, text_unit).unbind(0)
         boxes = (fp32(self.bbox_head(h)) + inverse_sigmoid(ref)).sigmoid().unbind(0)
         out = {'pred_logits': logits[-1][:, n_dn:], 'pred_boxes': boxes[-1][:, n_dn:]}

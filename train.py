@@ -200,7 +200,8 @@ def save_atomic(obj, path):
 # data, teacher, evaluation
 
 def build_data(args, ddp, rank, world_size):
-    """returns (train loader yielding (images, mask, targets, source), LVIS train set, LVIS val set)."""
+    """returns (train loader yielding (images, mask, targets, source), LVIS train set, LVIS val set,
+    the toy world's paths (dict) or None)."""
     def size(*sizes):
         return tuple(max(1, round(s * args.image_scale)) for s in sizes)
 
@@ -367,7 +368,8 @@ def main(argv=None):
 
 def train(args, ddp, rank, world_size, device):
     master = rank == 0
-    # a different seed per rank for augmentation and DN noise; the model starts equal anyway (DDP broadcasts it)
+    # a different seed per rank for DN noise and the federated class draws (augmentation draws from the samplers'
+    # per-sample keys); the model starts equal anyway (DDP broadcasts it)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
