@@ -2527,28 +2527,36 @@ def _ddp_worker(rank, world_size, port, root, out):
     torch.save({'model': model.state_dict(), 'losses': own}, os.path.join(out, f'rank{rank}.pt'))
 
 
-def _mean_worker(rank, world_size, port, out):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+def _mean_worker(rank, world_size, out):
+    # a file store: no port to pick, so nothing else on the machine can take it between the pick and the bind
+    dist.init_process_group('gloo', init_method='file://' + os.path.join(out, 'store'), rank=rank,
+                            world_size=world_size)
     terms = [{'loss': 1.0, 'loss_ce_dn': 4.0, 'loss_ce': 2.0}, {'loss': 3.0, 'loss_ce': 6.0}][rank]  # rank 1: no GT
     torch.save(train.mean_over_ranks(terms, True, world_size), os.path.join(out, f'mean{rank}.pt'))
     dist.destroy_process_group()
 
 
 def test_logged_terms_are_means_over_the_ranks_that_have_them(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_mean_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_mean_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         assert torch.load(tmp_path / f'mean{r}.pt') == {'loss': 2.0, 'loss_ce_dn': 4.0, 'loss_ce': 4.0}
 
 
 def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     out = str(tmp_path)
-    mp.spawn(_ddp_worker, args=(2, port, world, out), nprocs=2, join=True)
+    # train.py's ranks meet through env://, a TCP port: if something else takes the free port picked here before
+    # rank 0 binds it, pick another rather than fail
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_ddp_worker, args=(2, port, world, out), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            port_taken = 'EADDRINUSE' in str(e) or 'address already in use' in str(e).lower()
+            if not port_taken or attempt == 2:
+                raise
     r0, r1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in range(2))
     assert_same_tree(r0['model'], r1['model'])
     ckpt = load(os.path.join(out, 'checkpoint.pth'))
