@@ -490,6 +490,9 @@ class MixedLoader:
 
     The state (epoch, batches of it yielded, extra pass, batches of it yielded) is exact at any step: a resumed run
     goes on with the next batch of both sources, skipping sampler indices rather than reading the images again.
+    Resumed on another number of GPUs (or batch size), it goes on after the images the old run took, counted over all
+    ranks (a pass's order and each sample's draws do not depend on the world size); the images of the last
+    incomplete new batch are seen twice rather than skipped.
     """
 
     def __init__(self, lvis_loader, extra_loader=None, ratio=(1, 1)):
@@ -508,9 +511,19 @@ class MixedLoader:
         n = len(self.lvis)
         return n + n // self.ratio[0] * self.ratio[1]
 
+    def _lvis_done(self):
+        """LVIS batches among the first `position` of the epoch."""
+        a, b = self.ratio
+        return self.position // (a + b) * a + min(self.position % (a + b), a)
+
+    def images_per_step(self):
+        """(LVIS, extra) images that one batch of each source takes over all ranks: batch size x world size."""
+        extra = 0 if self.extra is None else self.extra.batch_size * self.extra.sampler.num_replicas
+        return self.lvis.batch_size * self.lvis.sampler.world_size, extra
+
     def __iter__(self):
         a, b = self.ratio
-        lvis_done = self.position // (a + b) * a + min(self.position % (a + b), a)
+        lvis_done = self._lvis_done()
         self.lvis.sampler.skip = lvis_done * self.lvis.batch_size
         lvis_iter = iter(self.lvis)
         while True:
@@ -540,9 +553,16 @@ class MixedLoader:
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "extra_epoch": self.extra_epoch,
-                "extra_done": self.extra_done}
+                "extra_done": self.extra_done, "images_per_step": self.images_per_step()}
 
     def load_state_dict(self, state):
         self.epoch, self.position = state["epoch"], state["position"]
         self.extra_epoch, self.extra_done, self._extra_iter = state["extra_epoch"], state["extra_done"], None
+        old, new = state.get("images_per_step", self.images_per_step()), self.images_per_step()
+        if old[0] != new[0]:  # batches of the new size after the old run's images, then its extras from there
+            a, b = self.ratio
+            lvis_done = self._lvis_done() * old[0] // new[0]
+            self.position = lvis_done // a * (a + b) + lvis_done % a
+        if self.extra is not None and old[1] != new[1]:
+            self.extra_done = self.extra_done * old[1] // new[1]
         self.lvis.sampler.set_epoch(self.epoch)

@@ -1850,6 +1850,49 @@ def test_mixed_loader_resumes_at_any_batch(workers):
         assert seen == reference, f"resumed after {k} batches"
 
 
+def test_mixed_loader_resumes_on_another_number_of_gpus():
+    """A run on 2 ranks of batch 2, stopped after k steps and resumed on 3 ranks of batch 1, goes on after the images
+    the old run took, counted over all ranks: each source's new images are the next places of its pass, in the
+    order and with the draws one process taking one image at a time would see; at most the last incomplete new batch
+    (fewer than 3 images) is seen again, nothing is skipped, and the LVIS epoch still ends at its last image."""
+    def build(rank, world_size, batch):
+        lvis = data.train_loader(Numbers(12, 0), data.RepeatFactorSampler([[0]] * 12, seed=0, rank=rank,
+                                                                          world_size=world_size), batch, 0)
+        extra_ds = Numbers(12, 100)
+        extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=rank, world_size=world_size),
+                                  batch, 0)
+        return data.MixedLoader(lvis, extra)
+
+    def items(batches, source):
+        return [(t["i"], t["draw"]) for b in batches if b[3] == source for t in b[2]]
+
+    one = build(0, 1, 1)  # the reference: each pass in its global order
+    one.set_epoch(0)
+    batches = list(one)
+    order = {s: items(batches, s) for s in ("lvis", "extra")}
+    assert sorted(i for i, _ in order["lvis"]) == list(range(12)) and len(order["extra"]) == 12
+    for k in range(6):  # steps of the old run's epoch (3 LVIS + 3 extra)
+        old = [build(r, 2, 2) for r in range(2)]
+        seen = []
+        for loader in old:
+            loader.set_epoch(0)
+            seen += list(itertools.islice(loader, k))
+        state = old[0].state_dict()
+        assert all(loader.state_dict() == state for loader in old)
+        new = [build(r, 3, 1) for r in range(3)]
+        after = []
+        for loader in new:
+            loader.load_state_dict(state)
+            loader.set_epoch(0)
+            after += list(loader)
+        for source in ("lvis", "extra"):
+            taken, resumed = len(items(seen, source)), items(after, source)
+            start = taken // 3 * 3  # whole new batches of 3 images after the old run's
+            assert sorted(resumed) == sorted(order[source][start:start + len(resumed)]), (k, source)
+            assert 0 <= taken - start < 3
+        assert len(items(seen, "lvis")) // 3 * 3 + len(items(after, "lvis")) == 12, k  # the epoch ends in place
+
+
 # ------------------------------------------------------------------------------------------ real mini data
 
 

@@ -425,6 +425,8 @@ def train(args, ddp, rank, world_size, device):
         rng = ckpt['rng'][rank] if len(ckpt['rng']) == world_size else None
         changed = {k: (v, getattr(args, k)) for k, v in ckpt['args'].items()
                    if getattr(args, k, v) != v and k not in ('resume', 'max_iters', 'compile')}
+        if len(ckpt['rng']) != world_size:  # the data goes on after the old run's images; the RNG streams start anew
+            changed['world_size'] = (len(ckpt['rng']), world_size)
         if master:
             print(f'resumed {resume}: epoch {start_epoch}, step {loader.position} of it, iteration {iteration}'
                   + (f'; settings changed (was, now): {changed}' if changed else ''))
