@@ -365,7 +365,13 @@ def main(argv=None):
     dataset = data.build_lvis(ann_file, args.image_root or args.data_path or os.path.dirname(ann_file), train=False,
                               eval_size=args.eval_size)
     if args.official:
+        # rank 0 first: it downloads CLIP and caches the text embeddings (minutes on the CPU), the others read them
+        rank = dist.get_rank() if distributed else 0
+        if rank > 0:
+            dist.barrier()
         model = load_official(args.ckpt, dataset.class_names)
+        if distributed and rank == 0:
+            dist.barrier()
     else:
         model, names = load_checkpoint(args.ckpt)
         if names is not None and list(names) != dataset.class_names:

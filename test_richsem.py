@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import types
 
 import numpy as np
@@ -2552,9 +2553,28 @@ def test_killed_run_resumes_from_its_last_mid_epoch_checkpoint(world, run_a, tmp
     assert_same_tree(b['optimizer'], a['optimizer'])
 
 
-def _ddp_worker(rank, world_size, port, root, out):
+def spawn_on_a_free_port(worker, world_size, *args):
+    """mp.spawn worker(rank, world_size, *args) as torchrun would: RANK, LOCAL_RANK, WORLD_SIZE and a MASTER_PORT for
+    env://. If something else takes the free port picked here before rank 0 binds it, pick another, not fail."""
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        try:
+            return mp.spawn(_as_torchrun_rank, args=(world_size, port, worker, args), nprocs=world_size, join=True)
+        except mp.ProcessRaisedException as e:
+            port_taken = 'EADDRINUSE' in str(e) or 'address already in use' in str(e).lower()
+            if not port_taken or attempt == 2:
+                raise
+
+
+def _as_torchrun_rank(rank, world_size, port, worker, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
+    worker(rank, world_size, *args)
+
+
+def _ddp_worker(rank, world_size, root, out):
     torch.set_num_threads(1)
     patch_teacher(root)
     step, own = train.train_step, []
@@ -2587,19 +2607,7 @@ def test_logged_terms_are_means_over_the_ranks_that_have_them(tmp_path):
 
 def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
     out = str(tmp_path)
-    # train.py's ranks meet through env://, a TCP port: if something else takes the free port picked here before
-    # rank 0 binds it, pick another rather than fail
-    for attempt in range(3):
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        try:
-            mp.spawn(_ddp_worker, args=(2, port, world, out), nprocs=2, join=True)
-            break
-        except mp.ProcessRaisedException as e:
-            port_taken = 'EADDRINUSE' in str(e) or 'address already in use' in str(e).lower()
-            if not port_taken or attempt == 2:
-                raise
+    spawn_on_a_free_port(_ddp_worker, 2, world, out)
     r0, r1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in range(2))
     assert_same_tree(r0['model'], r1['model'])
     ckpt = load(os.path.join(out, 'checkpoint.pth'))
@@ -2622,6 +2630,34 @@ def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
     assert set(alone) == set(evaluate.METRICS)
     for k, v in alone.items():
         assert v == pytest.approx(evals[-1]['eval'][k], nan_ok=True), k
+
+
+def _official_eval_worker(rank, world_size, root):
+    def load_official(path, class_names):  # stands in for the CLIP download and the text embeddings: a while
+        start = time.time()
+        time.sleep(1.0)
+        with open(os.path.join(root, f'load{rank}.json'), 'w') as f:
+            json.dump([start, time.time()], f)
+        return _tiny_model()
+
+    torch.set_num_threads(1)
+    evaluate.load_official = load_official
+    evaluate.main(['--official', '--ckpt', os.path.join(root, 'official.pth'), '--ann_file',
+                   os.path.join(root, 'val.json'), '--out_dir', os.path.join(root, 'eval'), '--device', 'cpu',
+                   '--num_workers', '0', '--eval_size', '48'])
+
+
+def test_official_evaluation_under_torchrun_builds_the_model_on_rank_0_first(tmp_path):
+    """evaluate.py --official on 2 gloo ranks: rank 1 builds its model (CLIP and the text embeddings, which rank 0
+    caches) only once rank 0 has, rather than every rank downloading and encoding at once; then both evaluate."""
+    sizes = {1: (64, 48), 2: (80, 64)}
+    _write_images(tmp_path, sizes.values())
+    _write_lvis(tmp_path / 'val.json', {1: ([], [], [(1, [0, 0, 8, 8])]), 2: ([], [], [(2, [4, 4, 20, 20])])},
+                TINY_FREQ, sizes)
+    spawn_on_a_free_port(_official_eval_worker, 2, str(tmp_path))
+    (start0, end0), (start1, end1) = (json.loads((tmp_path / f'load{r}.json').read_text()) for r in range(2))
+    assert start1 >= end0
+    assert set(json.loads((tmp_path / 'eval' / 'metrics.json').read_text())) == set(evaluate.METRICS)
 
 
 def test_toy_dataset_path_and_baseline_flags(world, tmp_path, monkeypatch):
