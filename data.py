@@ -559,7 +559,7 @@ class MixedLoader:
         self.epoch, self.position = state["epoch"], state["position"]
         self.extra_epoch, self.extra_done, self._extra_iter = state["extra_epoch"], state["extra_done"], None
         old, new = state.get("images_per_step", self.images_per_step()), self.images_per_step()
-        if old[0] != new[0]:  # batches of the new size after the old run's images, then its extras from there
+        if old[0] != new[0]:  # another world or batch size: whole new batches after the old run's images
             a, b = self.ratio
             lvis_done = self._lvis_done() * old[0] // new[0]
             self.position = lvis_done // a * (a + b) + lvis_done % a
