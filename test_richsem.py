@@ -1890,7 +1890,6 @@ def test_mixed_loader_resumes_on_another_number_of_gpus():
             taken, resumed = len(items(seen, source)), items(after, source)
             start = taken // 3 * 3  # whole new batches of 3 images after the old run's
             assert sorted(resumed) == sorted(order[source][start:start + len(resumed)]), (k, source)
-            assert 0 <= taken - start < 3
         assert len(items(seen, "lvis")) // 3 * 3 + len(items(after, "lvis")) == 12, k  # the epoch ends in place
 
 
@@ -2655,7 +2654,7 @@ def test_official_evaluation_under_torchrun_builds_the_model_on_rank_0_first(tmp
     _write_lvis(tmp_path / 'val.json', {1: ([], [], [(1, [0, 0, 8, 8])]), 2: ([], [], [(2, [4, 4, 20, 20])])},
                 TINY_FREQ, sizes)
     spawn_on_a_free_port(_official_eval_worker, 2, str(tmp_path))
-    (start0, end0), (start1, end1) = (json.loads((tmp_path / f'load{r}.json').read_text()) for r in range(2))
+    (_, end0), (start1, _) = (json.loads((tmp_path / f'load{r}.json').read_text()) for r in range(2))
     assert start1 >= end0
     assert set(json.loads((tmp_path / 'eval' / 'metrics.json').read_text())) == set(evaluate.METRICS)
 
