@@ -22,6 +22,7 @@ worker processes. A bare index (evaluation, direct use) draws from the process's
 collate() pads a batch to multiples of 32: images (B, 3, H, W), mask (B, H, W) True = padding.
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -362,7 +363,7 @@ class InetLvisMosaic(Dataset):
                        "orig_size": torch.tensor([S, S]), "image_id": int(self.image_ids[idx]), "replaced": replaced}
 
 
-# ----------------------------------------------------------------------------------------------- sampling
+# ------------------------------------------------------------------------------------- ranks and sampling
 
 def _rank_world(rank, world_size):
     """Explicit values win; else torch.distributed's, else a single process."""
@@ -370,6 +371,17 @@ def _rank_world(rank, world_size):
     rank = rank if rank is not None else (dist.get_rank() if on else 0)
     world_size = world_size if world_size is not None else (dist.get_world_size() if on else 1)
     return rank, world_size
+
+
+@contextlib.contextmanager
+def rank_zero_first(ddp, rank):
+    """Rank 0 runs the block first (downloads, data generation, the text-embedding cache); the others then run it
+    and find its results on disk instead of all doing the work at once."""
+    if ddp and rank != 0:
+        dist.barrier()
+    yield
+    if ddp and rank == 0:
+        dist.barrier()
 
 
 def repeat_factors(image_classes, thresh=0.001):
@@ -558,7 +570,8 @@ class MixedLoader:
     def load_state_dict(self, state):
         self.epoch, self.position = state["epoch"], state["position"]
         self.extra_epoch, self.extra_done, self._extra_iter = state["extra_epoch"], state["extra_done"], None
-        old, new = state.get("images_per_step", self.images_per_step()), self.images_per_step()
+        new = self.images_per_step()
+        old = state.get("images_per_step", new)
         if old[0] != new[0]:  # another world or batch size: whole new batches after the old run's images
             a, b = self.ratio
             lvis_done = self._lvis_done() * old[0] // new[0]

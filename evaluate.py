@@ -366,12 +366,8 @@ def main(argv=None):
                               eval_size=args.eval_size)
     if args.official:
         # rank 0 first: it downloads CLIP and caches the text embeddings (minutes on the CPU), the others read them
-        rank = dist.get_rank() if distributed else 0
-        if rank > 0:
-            dist.barrier()
-        model = load_official(args.ckpt, dataset.class_names)
-        if distributed and rank == 0:
-            dist.barrier()
+        with data.rank_zero_first(distributed, dist.get_rank() if distributed else 0):
+            model = load_official(args.ckpt, dataset.class_names)
     else:
         model, names = load_checkpoint(args.ckpt)
         if names is not None and list(names) != dataset.class_names:

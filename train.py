@@ -32,7 +32,6 @@ epoch).
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -151,17 +150,6 @@ def setup_distributed(device):
     return True, rank, world_size, device
 
 
-@contextlib.contextmanager
-def rank_zero_first(ddp, rank):
-    """Rank 0 runs the block first (downloads, data generation, the text-embedding cache); the others then run it
-    and find its results on disk instead of all doing the work at once."""
-    if ddp and rank != 0:
-        dist.barrier()
-    yield
-    if ddp and rank == 0:
-        dist.barrier()
-
-
 def mean_over_ranks(terms, ddp, world_size):
     """terms: {name: float} of this rank -> the mean of each name over the ranks that have it (a rank whose batch has
     no box has no DN terms), as DINO logs its losses. Every rank must call this at the same step."""
@@ -209,7 +197,7 @@ def build_data(args, ddp, rank, world_size):
     crop = dict(crop_scales=size(*data.CROP_SCALES), crop_size=size(*data.CROP_SIZE))
     if args.dataset == 'toy':
         import toy  # only the toy run needs the generator
-        with rank_zero_first(ddp, rank):  # generates what is missing: on rank 0 only, once
+        with data.rank_zero_first(ddp, rank):  # generates what is missing: on rank 0 only, once
             paths = toy.make_toy_world(args.data_path, device=args.device)
         train_json, val_json, image_root, extra_root = (
             paths['train_json'], paths['val_json'], paths['image_root'], paths['extra_root'])
@@ -241,7 +229,7 @@ def build_teacher(args, class_names, paths, device, ddp, rank):
     weights, cfg = args.clip_weights, None
     if paths is not None:  # the toy world comes with its own small CLIP
         weights, cfg = paths['teacher_ckpt'], paths['teacher_cfg']
-    with rank_zero_first(ddp, rank):  # rank 0 downloads the weights and fills the embedding cache
+    with data.rank_zero_first(ddp, rank):  # rank 0 downloads the weights and fills the embedding cache
         # on the GPU: LVIS's 1203 names x 81 prompts through the text tower would take many minutes on the CPU
         teacher = ClipTeacher(args.clip_model, pretrained=weights, model_cfg=cfg).to(device)
         text_embed = teacher.text_embeddings(class_names)
