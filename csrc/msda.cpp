@@ -33,6 +33,13 @@ void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Ten
               "msda: spatial_shapes must be int64 (L, 2) with L = ", L, ", got ", shapes.sizes());
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == L,
               "msda: level_start_index must be int64 (L,), got ", starts.sizes());
+  // What the kernels' index arithmetic assumes: offsets within one image's value in 32 bits (with room for a corner
+  // one row below the last token), query blocks within the grid's x limit, and exact level_of (msda_cuda.cu).
+  const int64_t S = value.size(1), D = value.size(3), Lq = loc.size(1), P = loc.size(4);
+  TORCH_CHECK((2 * S + 1) * M * D < (int64_t(1) << 31), "msda: one image's value has too many elements (S * M * D = ",
+              S * M * D, ", at most 2^30)");
+  TORCH_CHECK(Lq < (int64_t(1) << 34), "msda: too many queries (", Lq, ")");
+  TORCH_CHECK(L * P * P < (int64_t(1) << 31), "msda: too many levels and points (L * P * P = ", L * P * P, ")");
   const auto expect = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(loc.scalar_type() == expect && attn.scalar_type() == expect,
               "msda: sampling_locations and attention_weights must be ", expect, " for a ", value.scalar_type(),
