@@ -210,6 +210,34 @@ def test_cuda_large_batch_and_64bit_offsets():
     assert rel_err(out[n:].float(), ref) < 1e-2
 
 
+def test_an_image_too_large_for_the_op_offsets_is_recognised():
+    """The CUDA op's offsets within one image are 32-bit: (2 S + 1) M D < 2^31 (hand-computed edges at M D = 256)."""
+    assert msda.fits_op(torch.empty(1, 2 ** 22 - 1, 8, 32, device="meta"))      # (2^23 - 1) * 256 < 2^31
+    assert not msda.fits_op(torch.empty(1, 2 ** 22, 8, 32, device="meta"))      # (2^23 + 1) * 256 > 2^31
+    assert msda.fits_op(torch.empty(130, 256 * 256, 8, 32, device="meta"))      # the batch is not the limit
+
+
+@needs_cuda
+def test_cuda_sends_an_image_too_large_for_the_op_to_the_reference():
+    """An image whose value exceeds the op's 32-bit offsets is computed by the reference, with a warning. Each query
+    samples one pixel centre exactly, so the output is that token's value (hand-computed)."""
+    shapes = torch.tensor([[2048, 2048], [1, 1]], device="cuda")
+    starts = torch.tensor([0, 2048 * 2048], device="cuda")
+    S = 2048 * 2048 + 1                                          # 2^30 + 256 elements with M D = 256: 2 GiB of bf16
+    value = torch.zeros(1, S, 8, 32, device="cuda", dtype=torch.bfloat16)
+    rows, cols = torch.tensor([0, 2047], device="cuda"), torch.tensor([3, 2046], device="cuda")
+    tokens = rows * 2048 + cols
+    value[0, tokens] = torch.randn(2, 8, 32, device="cuda").to(torch.bfloat16)
+    loc = torch.full((1, 2, 8, 2, 1, 2), 0.5, device="cuda")
+    loc[0, :, :, 0, 0, 0] = ((cols + 0.5) / 2048).view(2, 1)     # level 0: x, y at the pixel centres
+    loc[0, :, :, 0, 0, 1] = ((rows + 0.5) / 2048).view(2, 1)
+    attn = torch.zeros(1, 2, 8, 2, 1, device="cuda")
+    attn[:, :, :, 0] = 1                                         # level 1 (its one token is zero anyway) weighs 0
+    with pytest.warns(UserWarning, match="32-bit offsets"):
+        out = msda.ms_deform_attn(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(out.float(), value[0, tokens].reshape(1, 2, 256).float(), rtol=0, atol=1e-2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # model.py: the detector
 
