@@ -210,6 +210,16 @@ def test_cuda_large_batch_and_64bit_offsets():
     assert rel_err(out[n:].float(), ref) < 1e-2
 
 
+@needs_cuda
+def test_cuda_more_images_and_heads_than_one_grid_dimension():
+    """The kernels' grid takes n * m in blockIdx.y, at most 65,535, and steps past it: N * M = 65,608 here."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.bfloat16, 1e-2)):
+        pairs = cuda_vs_reference(dtype, D=32, seed=1, N=8201, Lq=3, M=8, shapes=((2, 3), (1, 2)), P=2)
+        for name, (got, ref) in zip(["out", "grad_value", "grad_loc", "grad_attn"], pairs):
+            bound = tol * (5 if name == "grad_loc" and dtype == torch.bfloat16 else 1)
+            assert rel_err(got, ref) < bound, f"{name} {dtype}: relative error {rel_err(got, ref):.2e}"
+
+
 def test_an_image_too_large_for_the_op_offsets_is_recognised():
     """The CUDA op's offsets within one image are 32-bit: (2 S + 1) M D < 2^31 (hand-computed edges at M D = 256)."""
     assert msda.fits_op(torch.empty(1, 2 ** 22 - 1, 8, 32, device="meta"))      # (2^23 - 1) * 256 < 2^31
