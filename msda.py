@@ -153,7 +153,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     """Same arguments and result as ms_deform_attn_reference; the CUDA op when the tensors are on a GPU (and one
     image's value fits its offsets, else the reference, with a warning)."""
     if value.is_cuda and not fits_op(value):
-        warnings.warn(f"msda: one image's value has {value[0].numel()} elements, more than the CUDA op's 32-bit "
+        warnings.warn(f"msda: one image's value has {value.shape[1:].numel()} elements, more than the CUDA op's 32-bit "
                       "offsets take (2^30); using the (slower) PyTorch reference.")
     # `_op is not None` first: under torch.compile the built op is then a constant and load_op is never traced.
     elif value.is_cuda and (_op is not None or load_op() is not None):

@@ -211,6 +211,24 @@ def test_cuda_large_batch_and_64bit_offsets():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_points_off_the_map_get_and_give_no_gradient_even_when_not_finite(dtype):
+    """A point outside the map adds nothing to grad_value, even with a NaN weight (bf16's teamed atomics once wrote
+    off-map corners then), and an inf location gets a zero location gradient. Hand-computed: all zeros."""
+    value = torch.randn(1, 16, 1, 32, device="cuda").to(dtype)
+    shapes = torch.tensor([[4, 4]], device="cuda")
+    starts = torch.zeros(1, dtype=torch.long, device="cuda")
+    loc = torch.tensor([[2.0, 2.0], [-0.2, -0.2], [float("inf"), 0.5], [float("nan"), 0.5]], device="cuda")
+    loc = loc.view(1, 4, 1, 1, 1, 2).requires_grad_()
+    attn = torch.tensor([float("nan"), float("nan"), 1.0, 1.0], device="cuda").view(1, 4, 1, 1, 1).requires_grad_()
+    v = value.clone().requires_grad_()
+    msda.ms_deform_attn(v, shapes, starts, loc, attn).float().sum().backward()
+    assert torch.equal(v.grad.float(), torch.zeros_like(v.grad.float()))
+    assert torch.equal(loc.grad[0, 2:], torch.zeros_like(loc.grad[0, 2:]))
+    assert torch.equal(attn.grad[0, 2:], torch.zeros_like(attn.grad[0, 2:]))
+
+
+@needs_cuda
 def test_cuda_more_images_and_heads_than_one_grid_dimension():
     """The kernels' grid takes n * m in blockIdx.y, at most 65,535, and steps past it: N * M = 65,608 here."""
     for dtype, tol in ((torch.float64, 1e-10), (torch.bfloat16, 1e-2)):

@@ -39,7 +39,8 @@ void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Ten
   TORCH_CHECK((2 * S + 1) * M * D < (int64_t(1) << 31), "msda: one image's value has too many elements (S * M * D = ",
               S * M * D, ", at most 2^30)");
   TORCH_CHECK(Lq < (int64_t(1) << 34), "msda: too many queries (", Lq, ")");
-  TORCH_CHECK(L * P * P < (int64_t(1) << 31), "msda: too many levels and points (L * P * P = ", L * P * P, ")");
+  TORCH_CHECK(P < 46341 && L < (int64_t(1) << 31) && L * P * P < (int64_t(1) << 31),
+              "msda: too many levels and points (L = ", L, ", P = ", P, "; L * P * P must be below 2^31)");
   const auto expect = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(loc.scalar_type() == expect && attn.scalar_type() == expect,
               "msda: sampling_locations and attention_weights must be ", expect, " for a ", value.scalar_type(),
