@@ -60,14 +60,18 @@ template <> struct Raw<8> { using T = uint2; };
 template <> struct Raw<16> { using T = uint4; };
 
 // Load VEC consecutive channels starting at p (aligned to VEC * sizeof(scalar_t)) as float (double for fp64).
-template <typename scalar_t, int VEC, typename acc_t>
-__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&v)[VEC]) {
-  using R = typename Raw<VEC * sizeof(scalar_t)>::T;
-  R raw = __ldg(reinterpret_cast<const R*>(p));
+template <typename scalar_t, int VEC, typename acc_t, typename R>
+__device__ __forceinline__ void unpack_vec(const R& raw, acc_t (&v)[VEC]) {
   scalar_t s[VEC];
   memcpy(s, &raw, sizeof(raw));
 #pragma unroll
   for (int i = 0; i < VEC; ++i) v[i] = static_cast<acc_t>(s[i]);
+}
+
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&v)[VEC]) {
+  using R = typename Raw<VEC * sizeof(scalar_t)>::T;
+  unpack_vec<scalar_t, VEC>(__ldg(reinterpret_cast<const R*>(p)), v);
 }
 
 template <typename scalar_t, int VEC, typename acc_t>
@@ -140,11 +144,18 @@ __device__ __forceinline__ Bilinear<acc_t> locate(acc_t x, acc_t y, int H, int W
 
 // The four corners' VEC channels from row = the top-left corner's channels (row + s * stride is s tokens on), zeros
 // for a corner outside the map. All four loads are issued before any value is used, so they are in flight together.
+// Offsets of the four corners from the top-left one, in elements, for a level of width W (stride = M * D).
+struct CornerSteps {
+  int s[4];
+  __device__ __forceinline__ CornerSteps(int stride, int W) : s{0, stride, W * stride, (W + 1) * stride} {}
+  __device__ __forceinline__ int operator[](int c) const { return s[c]; }
+};
+
 template <typename scalar_t, int VEC, typename acc_t>
 __device__ __forceinline__ void load_corners(const scalar_t* row, int stride, int W, const bool (&valid)[4],
                                              acc_t (&v)[4][VEC]) {
   using R = typename Raw<VEC * sizeof(scalar_t)>::T;
-  const int step[4] = {0, stride, W * stride, (W + 1) * stride};
+  const CornerSteps step(stride, W);
   R raw[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -152,12 +163,7 @@ __device__ __forceinline__ void load_corners(const scalar_t* row, int stride, in
     if (valid[c]) raw[c] = __ldg(reinterpret_cast<const R*>(row + step[c]));
   }
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    scalar_t s[VEC];
-    memcpy(s, &raw[c], sizeof(raw[c]));
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[c][i] = static_cast<acc_t>(s[i]);
-  }
+  for (int c = 0; c < 4; ++c) unpack_vec<scalar_t, VEC>(raw[c], v[c]);
 }
 
 // Which (n, q, m) a warp works on. The grid is (query blocks, n * m): queries vary fastest, so a block's warps are
@@ -314,7 +320,7 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
               // atomic i of lane lig covers channels (i * LPP + lig) * AW of this round, so that one atomic instruction
               // of a group hits contiguous memory. In the load layout it would be strided, which measured 3x slower.
               const int round = (k - lig) * VEC;  // first channel covered by this round of the LPP lanes
-              const int step[4] = {0, stride, W * stride, (W + 1) * stride};
+              const CornerSteps step(stride, W);
 #pragma unroll
               for (int i = 0; i < VEC / AW; ++i) {
                 const int ch = round + (i * LPP + lig) * AW;
@@ -347,7 +353,7 @@ msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restri
             const int src = (group - group % R + i) * LPP;  // first lane of the point's group
             const int r = __shfl_sync(0xffffffffu, row, src) + team_ch;
             const int Ws = __shfl_sync(0xffffffffu, W, src);
-            const int step[4] = {0, stride, Ws * stride, (Ws + 1) * stride};
+            const CornerSteps step(stride, Ws);
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               const acc_t w = __shfl_sync(0xffffffffu, wc[c], src);
