@@ -153,6 +153,15 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_close_to_reference(pairs, dtype, tol, what=""):
+    """pairs: cuda_vs_reference's (got, ref) for out, grad_value, grad_loc, grad_attn; relative errors below tol."""
+    for name, (got, ref) in zip(["out", "grad_value", "grad_loc", "grad_attn"], pairs):
+        err = rel_err(got, ref)
+        # grad_loc in low precision multiplies value differences by the map size: a looser bound
+        bound = tol * (5 if name == "grad_loc" and dtype in (torch.bfloat16, torch.float16) else 1)
+        assert err < bound, f"{name} {dtype} {what}: relative error {err:.2e} >= {bound}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 1e-2),
                                        (torch.float16, 1e-2)])
@@ -160,11 +169,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("D", [8, 16, 32, 64, 128, 30])
 def test_cuda_matches_reference(dtype, tol, D):
     for seed in range(3):
-        for name, (got, ref) in zip(["out", "grad_value", "grad_loc", "grad_attn"], cuda_vs_reference(dtype, D, seed)):
-            err = rel_err(got, ref)
-            # grad_loc in low precision multiplies value differences by the map size: a looser bound
-            bound = tol * (5 if name == "grad_loc" and dtype in (torch.bfloat16, torch.float16) else 1)
-            assert err < bound, f"{name} {dtype} D={D}: relative error {err:.2e} >= {bound}"
+        assert_close_to_reference(cuda_vs_reference(dtype, D, seed), dtype, tol, f"D={D}")
 
 
 @needs_cuda
@@ -233,9 +238,7 @@ def test_cuda_more_images_and_heads_than_one_grid_dimension():
     """The kernels' grid takes n * m in blockIdx.y, at most 65,535, and steps past it: N * M = 65,608 here."""
     for dtype, tol in ((torch.float64, 1e-10), (torch.bfloat16, 1e-2)):
         pairs = cuda_vs_reference(dtype, D=32, seed=1, N=8201, Lq=3, M=8, shapes=((2, 3), (1, 2)), P=2)
-        for name, (got, ref) in zip(["out", "grad_value", "grad_loc", "grad_attn"], pairs):
-            bound = tol * (5 if name == "grad_loc" and dtype == torch.bfloat16 else 1)
-            assert rel_err(got, ref) < bound, f"{name} {dtype}: relative error {rel_err(got, ref):.2e}"
+        assert_close_to_reference(pairs, dtype, tol, "N * M = 65,608")
 
 
 def test_an_image_too_large_for_the_op_offsets_is_recognised():
