@@ -135,6 +135,39 @@ def test_op_compiles_without_a_gpu(monkeypatch):
     assert "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
+def test_op_rejects_bad_arguments_with_a_message():
+    """The extension's own checks (csrc/msda.cpp) name the fault instead of reaching a kernel, or crashing: streaming a
+    number into their messages segfaulted on the H200 machine. They need no GPU, so meta tensors reach every one."""
+    op = msda.load_op()
+    if op is None:
+        pytest.skip(f"the op could not be built: {msda._op_failed}")
+
+    def call(value=(1, 16, 2, 32), loc=(1, 3, 2, 1, 2, 2), attn=(1, 3, 2, 1, 2), shapes=(1, 2), grad=None,
+             dtype=torch.float32, loc_dtype=torch.float32, device="meta"):
+        v = torch.empty(value, dtype=dtype, device=device)
+        args = (v, torch.empty(shapes, dtype=torch.long, device=device), torch.empty(1, dtype=torch.long, device=device),
+                torch.empty(loc, dtype=loc_dtype, device=device), torch.empty(attn, device=device))
+        return op.forward(*args) if grad is None else op.backward(*args, torch.empty(grad, dtype=dtype, device=device))
+
+    cases = [
+        (dict(value=(1, 16, 64)), r"value must be \(N, S, M, D\), got \[1, 16, 64\]"),
+        (dict(attn=(1, 2, 2, 1, 2)), r"attention_weights \[1, 2, 2, 1, 2\] do not match sampling_locations "
+                                     r"\[1, 3, 2, 1, 2, 2\]"),
+        (dict(loc=(1, 3, 4, 1, 2, 2), attn=(1, 3, 4, 1, 2)), r"sampling_locations \[1, 3, 4, 1, 2, 2\] do not match "
+                                                             r"value \[1, 16, 2, 32\]"),
+        (dict(shapes=(2, 2)), r"spatial_shapes must be int64 \(L, 2\) with L = 1, got \[2, 2\]"),
+        (dict(value=(1, 2 ** 22, 8, 32), loc=(1, 3, 8, 1, 2, 2), attn=(1, 3, 8, 1, 2), dtype=torch.bfloat16),
+         r"S \* M \* D = 1073741824, at most 2\^30"),
+        (dict(loc=(1, 3, 2, 1, 46341, 2), attn=(1, 3, 2, 1, 46341)), r"L = 1, P = 46341"),
+        (dict(loc_dtype=torch.bfloat16), r"must be Float for a Float value, got BFloat16 and Float"),
+        (dict(grad=(1, 3, 63)), r"grad_output must be \(N, Lq, M \* D\), got \[1, 3, 63\]"),
+        (dict(device="cpu"), r"value must be a CUDA tensor"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call(**kwargs)
+
+
 def cuda_vs_reference(dtype, D, seed, N=2, Lq=7, M=3, shapes=((9, 7), (5, 4), (2, 3)), P=4):
     value, shapes_t, starts, loc, attn = random_problem(N, Lq, M, D, shapes, P, torch.float64, "cuda", seed)
     v = value.to(dtype).requires_grad_()

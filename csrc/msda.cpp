@@ -1,5 +1,6 @@
 // Python bindings and argument checks of the multi-scale deformable attention op (kernels in msda_cuda.cu).
 #include <torch/extension.h>
+#include <string>
 #include <vector>
 
 at::Tensor msda_forward_cuda(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
@@ -10,46 +11,63 @@ std::vector<at::Tensor> msda_backward_cuda(const at::Tensor& value, const at::Te
 
 namespace {
 
+// Numbers in the messages below go through std::to_string, not through the stream that TORCH_CHECK builds its
+// message with: on the H200 machine (torch 2.11 wheel, the extension built by Ubuntu's g++ 13.3) streaming an integer
+// from this library segfaulted inside std::ostream's number formatting (cuda-gdb: basic_ostream::_M_insert<long>
+// calling into a wrong locale facet), so a wrong shape crashed the process instead of raising. There ldd lists no
+// libstdc++ for the built extension, so its C++ runtime symbols bind to whichever copy is loaded: a likely mix.
+// Strings and c10's own printers (dtype, device) were fine.
+std::string str(int64_t x) { return std::to_string(x); }
+
+std::string str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
 // Every way a caller can get the arguments wrong, caught here with a message rather than as a wrong result or an
-// illegal memory access inside the kernel.
+// illegal memory access inside the kernel. None needs a GPU, so that all can be tested on meta tensors; the device
+// comes last (on_gpu).
 void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
                 const at::Tensor& attn) {
-  TORCH_CHECK(value.is_cuda(), "msda: value must be a CUDA tensor");
   for (const auto* t : {&shapes, &starts, &loc, &attn}) {
     TORCH_CHECK(t->device() == value.device(), "msda: all inputs must be on ", value.device(), ", got ", t->device());
     TORCH_CHECK(t->is_contiguous(), "msda: inputs must be contiguous");
   }
   TORCH_CHECK(value.is_contiguous(), "msda: value must be contiguous");
-  TORCH_CHECK(value.dim() == 4, "msda: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK(value.dim() == 4, "msda: value must be (N, S, M, D), got ", str(value.sizes()));
   TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2, "msda: sampling_locations must be (N, Lq, M, L, P, 2), got ",
-              loc.sizes());
-  TORCH_CHECK(attn.dim() == 5, "msda: attention_weights must be (N, Lq, M, L, P), got ", attn.sizes());
+              str(loc.sizes()));
+  TORCH_CHECK(attn.dim() == 5, "msda: attention_weights must be (N, Lq, M, L, P), got ", str(attn.sizes()));
   const int64_t N = value.size(0), M = value.size(2), L = loc.size(3);
-  TORCH_CHECK(loc.size(0) == N && loc.size(2) == M, "msda: sampling_locations ", loc.sizes(),
-              " do not match value ", value.sizes());
-  TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5), "msda: attention_weights ", attn.sizes(),
-              " do not match sampling_locations ", loc.sizes());
+  TORCH_CHECK(loc.size(0) == N && loc.size(2) == M, "msda: sampling_locations ", str(loc.sizes()),
+              " do not match value ", str(value.sizes()));
+  TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5), "msda: attention_weights ", str(attn.sizes()),
+              " do not match sampling_locations ", str(loc.sizes()));
   TORCH_CHECK(shapes.scalar_type() == at::kLong && shapes.dim() == 2 && shapes.size(0) == L && shapes.size(1) == 2,
-              "msda: spatial_shapes must be int64 (L, 2) with L = ", L, ", got ", shapes.sizes());
+              "msda: spatial_shapes must be int64 (L, 2) with L = ", str(L), ", got ", str(shapes.sizes()));
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == L,
-              "msda: level_start_index must be int64 (L,), got ", starts.sizes());
+              "msda: level_start_index must be int64 (L,), got ", str(starts.sizes()));
   // What the kernels' index arithmetic assumes: offsets within one image's value in 32 bits (with room for a corner
   // one row below the last token), query blocks within the grid's x limit, and exact level_of (msda_cuda.cu).
   const int64_t S = value.size(1), D = value.size(3), Lq = loc.size(1), P = loc.size(4);
   TORCH_CHECK((2 * S + 1) * M * D < (int64_t(1) << 31), "msda: one image's value has too many elements (S * M * D = ",
-              S * M * D, ", at most 2^30)");
-  TORCH_CHECK(Lq < (int64_t(1) << 34), "msda: too many queries (", Lq, ")");
+              str(S * M * D), ", at most 2^30)");
+  TORCH_CHECK(Lq < (int64_t(1) << 34), "msda: too many queries (", str(Lq), ")");
   TORCH_CHECK(P < 46341 && L < (int64_t(1) << 31) && L * P * P < (int64_t(1) << 31),
-              "msda: too many levels and points (L = ", L, ", P = ", P, "; L * P * P must be below 2^31)");
+              "msda: too many levels and points (L = ", str(L), ", P = ", str(P), "; L * P * P must be below 2^31)");
   const auto expect = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(loc.scalar_type() == expect && attn.scalar_type() == expect,
               "msda: sampling_locations and attention_weights must be ", expect, " for a ", value.scalar_type(),
               " value, got ", loc.scalar_type(), " and ", attn.scalar_type());
 }
 
+void check_on_gpu(const at::Tensor& value) { TORCH_CHECK(value.is_cuda(), "msda: value must be a CUDA tensor"); }
+
 at::Tensor forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
                    const at::Tensor& attn) {
   check_args(value, shapes, starts, loc, attn);
+  check_on_gpu(value);
   return msda_forward_cuda(value, shapes, starts, loc, attn);
 }
 
@@ -61,7 +79,8 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& shap
               "msda: grad_output must be a contiguous ", value.scalar_type(), " tensor on ", value.device());
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == value.size(0) && grad_out.size(1) == loc.size(1) &&
                   grad_out.size(2) == value.size(2) * value.size(3),
-              "msda: grad_output must be (N, Lq, M * D), got ", grad_out.sizes());
+              "msda: grad_output must be (N, Lq, M * D), got ", str(grad_out.sizes()));
+  check_on_gpu(value);
   return msda_backward_cuda(value, shapes, starts, loc, attn, grad_out);
 }
 
