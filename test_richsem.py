@@ -143,11 +143,14 @@ def test_op_rejects_bad_arguments_with_a_message():
         pytest.skip(f"the op could not be built: {msda._op_failed}")
 
     def call(value=(1, 16, 2, 32), loc=(1, 3, 2, 1, 2, 2), attn=(1, 3, 2, 1, 2), shapes=(1, 2), grad=None,
-             dtype=torch.float32, loc_dtype=torch.float32, device="meta"):
+             dtype=torch.float32, loc_dtype=torch.float32, grad_dtype=None, device="meta", shapes_device=None):
         v = torch.empty(value, dtype=dtype, device=device)
-        args = (v, torch.empty(shapes, dtype=torch.long, device=device), torch.empty(1, dtype=torch.long, device=device),
-                torch.empty(loc, dtype=loc_dtype, device=device), torch.empty(attn, device=device))
-        return op.forward(*args) if grad is None else op.backward(*args, torch.empty(grad, dtype=dtype, device=device))
+        args = (v, torch.empty(shapes, dtype=torch.long, device=shapes_device or device),
+                torch.empty(1, dtype=torch.long, device=device), torch.empty(loc, dtype=loc_dtype, device=device),
+                torch.empty(attn, device=device))
+        if grad is None:
+            return op.forward(*args)
+        return op.backward(*args, torch.empty(grad, dtype=grad_dtype or dtype, device=device))
 
     cases = [
         (dict(value=(1, 16, 64)), r"value must be \(N, S, M, D\), got \[1, 16, 64\]"),
@@ -161,6 +164,8 @@ def test_op_rejects_bad_arguments_with_a_message():
         (dict(loc=(1, 3, 2, 1, 46341, 2), attn=(1, 3, 2, 1, 46341)), r"L = 1, P = 46341"),
         (dict(loc_dtype=torch.bfloat16), r"must be Float for a Float value, got BFloat16 and Float"),
         (dict(grad=(1, 3, 63)), r"grad_output must be \(N, Lq, M \* D\), got \[1, 3, 63\]"),
+        (dict(shapes_device="cpu"), r"all inputs must be on meta, got cpu"),
+        (dict(grad=(1, 3, 64), grad_dtype=torch.bfloat16), r"grad_output must be a contiguous Float tensor on meta"),
         (dict(device="cpu"), r"value must be a CUDA tensor"),
     ]
     for kwargs, message in cases:

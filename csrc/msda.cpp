@@ -27,7 +27,7 @@ std::string str(at::IntArrayRef sizes) {
 
 // Every way a caller can get the arguments wrong, caught here with a message rather than as a wrong result or an
 // illegal memory access inside the kernel. None needs a GPU, so that all can be tested on meta tensors; the device
-// comes last (on_gpu).
+// comes last (check_on_gpu).
 void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
                 const at::Tensor& attn) {
   for (const auto* t : {&shapes, &starts, &loc, &attn}) {
