@@ -1288,7 +1288,8 @@ def test_soft_loss_hand_value_and_no_gt_batch():
 
 def test_tiny_model_overfits_two_images():
     """The detector, CDN and criterion together can learn: on 2 fixed images, the matched boxes' L1 and the focal loss
-    of the last layer fall clearly (an integration check: a wrong sign, detach or layout stalls it)."""
+    of the last layer fall clearly (an integration check: a wrong sign, detach or layout stalls it), and at inference
+    each image's top-scoring query has its object's class and box (boxes paired with the wrong queries fail here)."""
     torch.manual_seed(0)
     net = RichSem(torch.randn(C, E), backbone='r18', backbone_weights=None, d_model=64, nheads=4, enc_layers=1,
                   dec_layers=2, dim_feedforward=128, num_queries=20, num_points=2, num_levels=2, dn_number=10)
@@ -1311,6 +1312,13 @@ def test_tiny_model_overfits_two_images():
     # measured: L1 about 6 -> 0.13, focal about 1e3 (every class starts at p = 0.5) -> 0.05
     assert last[0] < 0.25 * first[0], f'L1 {first[0]:.3f} -> {last[0]:.3f}'
     assert last[1] < 0.01 * first[1], f'focal {first[1]:.3f} -> {last[1]:.3f}'
+    # and at inference (no targets, no denoising queries) each image's best-scoring query names its object and box
+    with torch.no_grad():
+        out = net.eval()(images, mask)
+    for b, t in enumerate(targets):
+        q, c = divmod(out['pred_logits'][b].argmax().item(), C)
+        assert c == t['labels'].item(), f'image {b}: best class {c}, not {t["labels"].item()}'
+        assert (out['pred_boxes'][b, q] - t['boxes'][0]).abs().max() < 0.05, (b, out['pred_boxes'][b, q], t['boxes'])
 
 # ----------------------------------------------------------------------------------------------------------------
 # clip_teacher.py: the CLIP teacher
