@@ -131,7 +131,8 @@ def hflip(img, boxes):
 
 def resize(img, boxes, short, max_size=None):
     """Scale so the short side is `short`, unless the long side would then pass max_size (then long = max_size).
-    boxes (n, 4) xyxy abs are scaled by the exact per-axis ratio of the rounded output size."""
+    boxes (n, 4) xyxy abs are scaled by the exact per-axis ratio of the rounded output size. Both sides are rounded
+    from the exact scale (DETR truncates the long side instead: up to 2 px apart, and never above max_size here)."""
     w, h = img.size
     scale = short / min(w, h)
     if max_size is not None and max(w, h) * scale > max_size:
@@ -274,7 +275,7 @@ class LvisDetection(Dataset):
             img = Image.new("RGB", (int(jw), int(jh)))
         if (img.width, img.height) != (jw, jh):  # a re-encoded copy: boxes live in the json's (width, height) frame
             boxes = boxes * torch.tensor([img.width / jw, img.height / jh] * 2)
-        orig_size = torch.tensor([jh, jw])  # predictions are scored against the json's frame
+        orig_size = torch.tensor([int(jh), int(jw)])  # predictions are scored against the json's frame
         img, boxes, labels = self.transform(img, boxes, labels, rng)
         image, boxes = to_normalised(img, boxes)
         return image, {"boxes": boxes, "labels": labels, "size": torch.tensor(image.shape[1:]),

@@ -1709,6 +1709,7 @@ def test_lvis_box_cleaning_and_paths(tmp_path):
             "height": 80}]
     ds = data.LvisDetection(lvis_json(tmp_path / "v1.json", url, anns), str(tmp_path / "coco"), data.EvalResize(40))
     assert ds[0][0].shape == (3, 40, 50) and ds[0][1]["orig_size"].tolist() == [80, 100]
+    assert ds[0][1]["orig_size"].dtype == torch.int64  # the documented format
 
 
 def test_missing_files_named(tmp_path):
