@@ -286,7 +286,8 @@ class MLP(nn.Module):
 def contrast(x, text_unit):
     """
     x: (..., E); text_unit: (C, E) rows of unit norm -> (..., C) fp32 logits 100 * cos (CLIP's frozen scale).
-    Under autocast the product itself runs in bf16: fine for the focal loss, where logits near 0 matter most.
+    Under autocast the product itself runs in bf16: fine for the focal loss, where logits near 0 matter most (the
+    semantic branch and the evaluation's class scores leave autocast for it).
     """
     return fp32(100.0 * F.normalize(fp32(x), dim=-1) @ text_unit.T)
 
@@ -584,7 +585,11 @@ class RichSem(nn.Module):
         # All layers' heads in one call each (the heads are shared): a few large kernels instead of many small ones.
         layers = slice(None) if self.training else slice(-1, None)
         h, ref = torch.stack(hs[layers]), torch.stack(refs[:-1][layers])  # (layers, B, Nq, d), (layers, B, Nq, 4)
-        logits = self.class_head(h, text_unit).unbind(0)
+        if self.training:
+            logits = self.class_head(h, text_unit).unbind(0)
+        else:  # evaluation ranks these scores: fp32 even under autocast, where bf16 rounds 100*cos logits of 4-8 in
+            with torch.autocast(h.device.type, enabled=False):  # steps of 1/32, and ties are then broken by index
+                logits = self.class_head(fp32(h), text_unit).unbind(0)
         boxes = (fp32(self.bbox_head(h)) + inverse_sigmoid(ref)).sigmoid().unbind(0)
         out = {'pred_logits': logits[-1][:, n_dn:], 'pred_boxes': boxes[-1][:, n_dn:]}
         if not self.training:

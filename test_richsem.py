@@ -663,6 +663,24 @@ def test_semantic_branch_logits_are_fp32_under_autocast(tiny):
     torch.testing.assert_close(seen['out'].double(), expect, rtol=0, atol=1e-3)
 
 
+def test_eval_class_scores_are_fp32_under_autocast(tiny):
+    """Evaluation ranks the class scores of all queries x classes: under bf16 autocast they must still be 100 * cos to
+    fp32 accuracy (float64 by hand from the class head's input), not in bf16's steps, which tie many of them."""
+    tiny.eval()
+    images, mask, _ = _batch()
+    seen = {}
+    hook = tiny.class_head.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
+    try:
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            out = tiny(images, mask)
+    finally:
+        hook.remove()
+    z = seen['h'][-1].double() @ tiny.class_head.proj.weight.double().T
+    expect = 100 * F.normalize(z, dim=-1) @ F.normalize(tiny.text_embed.double(), dim=-1).T
+    assert out['pred_logits'].dtype == torch.float32
+    torch.testing.assert_close(out['pred_logits'].double(), expect, rtol=0, atol=1e-3)
+
+
 def test_label_proj_in_graph_without_boxes(tiny):
     tiny.train()
     images, mask, _ = _batch()
