@@ -5,7 +5,8 @@ Per decoder layer (and the two-stage encoder output) the predictions are matched
 Hungarian algorithm; matched queries learn their GT class (sigmoid focal loss over a federated subset of ~50 classes)
 and their GT box (L1 + GIoU), all other queries learn "background". Denoising (DN) queries have a fixed assignment
 to the GT they were made from. The semantic branch of the last layer learns the CLIP teacher's distribution over
-classes for the boxes it matched: KL(teacher || student) of the softmaxes of the two 100*cos logits.
+classes for the boxes it matched and for the positive DN queries: KL(teacher || student) of the softmaxes of the two
+100*cos logits.
 
 Boxes are normalised cxcywh; everything here runs in fp32 whatever the model's precision. The hot path makes one
 GPU->CPU transfer per step (all cost matrices together, for scipy's Hungarian solver) and no other host sync.
