@@ -2628,6 +2628,21 @@ def test_run_writes_checkpoint_log_and_resumes_exactly(world, run_a, tmp_path):
     assert_same_tree(model.state_dict(), a['model'])
 
 
+def test_resume_takes_the_new_lr_settings(world, run_a, tmp_path):
+    """Resumed from the end of epoch 0 (lr 1e-3, dropped at epoch 1) with another --lr, --lr_backbone, --weight_decay
+    and --lr_drop: epoch 1 runs at the new lr, undropped since 1 // 2 == 0 (the old settings: 1e-4), and epoch 2 at a
+    tenth of it."""
+    out = str(tmp_path)
+    shutil.copy(os.path.join(run_a, 'checkpoint_e00.pth'), os.path.join(out, 'checkpoint.pth'))
+    train.main(argv(world, out, '--resume', 'auto', '--max_iters', '5', '--lr', '5e-4', '--lr_backbone', '2e-5',
+                    '--weight_decay', '0.05', '--lr_drop', '2'))
+    assert [(r['iter'], r['epoch'], r['lr']) for r in read_log(out)] == [
+        (3, 1, pytest.approx(5e-4)), (4, 1, pytest.approx(5e-4)), (5, 2, pytest.approx(5e-5))]
+    groups = load(os.path.join(out, 'checkpoint.pth'))['optimizer']['param_groups']
+    assert [g['lr'] for g in groups] == [pytest.approx(5e-5), pytest.approx(2e-6)]
+    assert [g['weight_decay'] for g in groups] == [0.05, 0.05]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, monkeypatch):
     forward, calls = SetCriterion.forward, [0]
 

@@ -267,6 +267,16 @@ def build_optimizer(args, model, device):
     return optimizer, [p for _, p in named]
 
 
+def apply_lr_settings(args, optimizer, scheduler):
+    """After a resume: the command line's --lr, --lr_backbone, --weight_decay and --lr_drop, which loading the
+    optimizer and scheduler state replaced by the old run's (a resume "with a lower --lr" must get it). The lr is
+    the schedule's at the restored epoch: base * 0.1 ** (epoch // lr_drop)."""
+    scheduler.step_size, scheduler.base_lrs = args.lr_drop, [args.lr, args.lr_backbone]  # build_optimizer's groups
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group['initial_lr'], group['weight_decay'] = base, args.weight_decay
+        group['lr'] = base * scheduler.gamma ** (scheduler.last_epoch // scheduler.step_size)
+
+
 class NonFiniteLoss(Exception):
     """The loss or the gradient norm was not finite on some rank; train_step took no optimizer step."""
 
@@ -406,6 +416,7 @@ def train(args, ddp, rank, world_size, device):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
+        apply_lr_settings(args, optimizer, scheduler)
         loader.load_state_dict(ckpt['sampler'])
         start_epoch, iteration = ckpt['epoch'], ckpt['iteration']
         # exact continuation: the per-rank RNG states for DN noise and federated classes; the augmentation draws
