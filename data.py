@@ -99,6 +99,19 @@ def _require(path, kind, what):
         raise FileNotFoundError(f"{what}: expected a {kind} at {path}")
 
 
+def _require_images(paths, what, sample=64):
+    """Fail at construction when none of `sample` evenly spaced image files exists (a wrong image root would else
+    train on replacements until MAX_TRIES, or evaluate every image as missed); warn when some are missing."""
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)]
+    missing = [p for p in picked if not os.path.isfile(p)]
+    if picked and len(missing) == len(picked):
+        raise FileNotFoundError(f"{what}: none of {len(picked)} images checked exists, e.g. {missing[0]}: "
+                                "is the image folder right?")
+    if missing:
+        log.warning("%s: %d of %d images checked are missing, e.g. %s (they will be replaced or get no detections)",
+                    what, len(missing), len(picked), missing[0])
+
+
 def lvis_image_path(img, image_root):
     """LVIS v1 images carry only coco_url (.../train2017/x.jpg) -> root/train2017/x.jpg; a json with file_name
     (e.g. a flat folder of a subset) -> root/file_name."""
@@ -224,6 +237,7 @@ class LvisDetection(Dataset):
         paths = [lvis_image_path(img, image_root) for img in images]
         for folder in sorted({os.path.dirname(p) for p in paths}):
             _require(folder, "dir", f"folder of the images of {self.ann_file}")
+        _require_images(paths, f"images of {self.ann_file}")
         # One flat array per field instead of per-image python objects: worker processes read them without
         # touching reference counts, so copy-on-write pages stay shared (a 100k-image list of dicts would not).
         self.paths = np.array(paths)
@@ -324,6 +338,7 @@ class InetLvisMosaic(Dataset):
         self.paths = np.array([os.path.join(root, "images", n) for n in names])
         for folder in sorted({os.path.dirname(p) for p in self.paths}):
             _require(folder, "dir", f"folder of the images of {ann_file}")
+        _require_images(self.paths, f"images of {ann_file}")
 
     def __len__(self):
         return len(self.image_ids)

@@ -1695,6 +1695,22 @@ def lvis_json(path, images, anns, n_cats=5):
     return str(path)
 
 
+def test_wrong_image_root_fails_at_construction(tmp_path, caplog):
+    """The folder exists but the images are elsewhere (a json with file_name, the root one level too high): an error
+    naming a path, not a run of replacements or an evaluation where every image is missed. Some missing: a warning."""
+    (tmp_path / "images").mkdir()
+    images = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 10} for i in range(1, 4)]
+    for i in range(1, 4):
+        Image.new("RGB", (20, 10)).save(tmp_path / "images" / f"{i}.png")
+    ann = lvis_json(tmp_path / "v.json", images, [])
+    with pytest.raises(FileNotFoundError, match=r"none of 3 images checked exists, e\.g\. .*1\.png"):
+        data.LvisDetection(ann, str(tmp_path), data.EvalResize(10))
+    os.remove(tmp_path / "images" / "2.png")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = data.LvisDetection(ann, str(tmp_path / "images"), data.EvalResize(10))
+    assert len(ds) == 3 and "1 of 3 images checked are missing, e.g. " in caplog.text and "2.png" in caplog.text
+
+
 def test_lvis_box_cleaning_and_paths(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
