@@ -293,14 +293,16 @@ def load_official(path, class_names):
 # A picture of the detections
 
 @torch.inference_mode()
-def draw_detections(model, image_path, class_names, out_path, device, score=0.3, topk=20, eval_size=800):
+def draw_detections(model, image_path, class_names, out_path, device, score=0.3, topk=20, eval_size=800,
+                    max_size=data.MAX_SIZE):
     """
-    Run model on one image (resized as for evaluation: short side eval_size) and save it as a PNG with the topk
-    detections whose score is at least `score`, boxed and labelled '<class name> <score>'. Returns how many.
+    Run model on one image (resized as for evaluation: short side eval_size, long side at most max_size) and save it
+    as a PNG with the topk detections whose score is at least `score`, boxed and labelled '<class name> <score>'.
+    Returns how many.
     """
     model.eval()
     img = data.load_rgb(image_path)
-    resized, _, _ = data.EvalResize(eval_size)(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    resized, _, _ = data.EvalResize(eval_size, max_size)(img, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     image, _ = data.to_normalised(resized, torch.zeros(0, 4))
     images, mask, _ = data.collate([(image, {})])
     outputs = model(images.to(device), mask.to(device))
@@ -327,6 +329,9 @@ def main(argv=None):
     p.add_argument('--out_dir', help='result shards, results.json, metrics.json (default <ckpt folder>/eval_<ckpt '
                                      'name>: not the eval/ a training run in that folder writes)')
     p.add_argument('--eval_size', type=int, default=800, help='short side of the resized image (official: 800)')
+    p.add_argument('--max_size', type=int, default=data.MAX_SIZE,
+                   help='longest side of the resized image (official: 1333; train.py --image_scale s evaluates at '
+                        'round(800 s) / round(1333 s))')
     p.add_argument('--batch_size', type=int, default=1, help='per rank; 1 keeps AP independent of the world size')
     p.add_argument('--num_workers', type=int, default=4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -349,7 +354,7 @@ def main(argv=None):
         if args.official:
             model = load_official(args.ckpt, names)
         n = draw_detections(model.to(args.device), args.image, names, args.out, args.device, args.score, args.topk,
-                            args.eval_size)
+                            args.eval_size, args.max_size)
         print(f'{args.out}: {n} detections with score >= {args.score}')
         return None
 
@@ -363,7 +368,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     dataset = data.build_lvis(ann_file, args.image_root or args.data_path or os.path.dirname(ann_file), train=False,
-                              eval_size=args.eval_size)
+                              max_size=args.max_size, eval_size=args.eval_size)
     if args.official:
         # rank 0 first: it downloads CLIP and caches the text embeddings (minutes on the CPU), the others read them
         with data.rank_zero_first(distributed, dist.get_rank() if distributed else 0):

@@ -2404,6 +2404,23 @@ def test_checkpoint_and_drawing_cli(tmp_path):
     assert (drawn != np.array(Image.open(tmp_path / '1.png'))).any()
 
 
+def test_cli_max_size_caps_the_long_side(tmp_path, monkeypatch):
+    """--max_size, for checkpoints trained with another --image_scale: a 90x60 image at --eval_size 64 is 96x64,
+    and with --max_size 80 it is 80x53 (80 * 60 / 90 = 53.3)."""
+    torch.save({'model': _tiny_model().state_dict(), 'args': TINY, 'class_names': ['cup', 'dog', 'kite']},
+               tmp_path / 'checkpoint.pth')
+    _write_images(tmp_path, [(90, 60)])
+    seen, forward = [], RichSem.forward
+    def spy(self, images, mask, *args, **kwargs):  # the image's size without collate's padding to 32
+        seen.append((int((~mask[0]).any(1).sum()), int((~mask[0]).any(0).sum())))
+        return forward(self, images, mask, *args, **kwargs)
+    monkeypatch.setattr(RichSem, 'forward', spy)
+    for extra in ([], ['--max_size', '80']):
+        evaluate.main(['--ckpt', str(tmp_path / 'checkpoint.pth'), '--image', str(tmp_path / '1.png'), '--out',
+                       str(tmp_path / 'out.png'), '--eval_size', '64', '--device', 'cpu', *extra])
+    assert seen == [(64, 96), (53, 80)]
+
+
 @needs_data
 def test_cli_evaluates_mini_lvis(tmp_path):
     """The evaluation command on the real mini LVIS val split, tiny random model over the 1203 classes: it writes
