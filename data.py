@@ -237,7 +237,6 @@ class LvisDetection(Dataset):
         paths = [lvis_image_path(img, image_root) for img in images]
         for folder in sorted({os.path.dirname(p) for p in paths}):
             _require(folder, "dir", f"folder of the images of {self.ann_file}")
-        _require_images(paths, f"images of {self.ann_file}")
         # One flat array per field instead of per-image python objects: worker processes read them without
         # touching reference counts, so copy-on-write pages stay shared (a 100k-image list of dicts would not).
         self.paths = np.array(paths)
@@ -251,6 +250,7 @@ class LvisDetection(Dataset):
         self.boxes = np.concatenate(boxes).reshape(-1, 4).astype(np.float32)
         self.labels = np.concatenate(labels).astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        _require_images(paths, f"images of {self.ann_file}")  # after the json's own errors
 
     @staticmethod
     def _clean_boxes(anns, w, h, index):
