@@ -143,7 +143,7 @@ _forward.register_autograd(_grads, setup_context=_save_inputs)
 
 def fits_op(value):
     """Whether the CUDA op's 32-bit offsets within one image cover value (N, S, M, D): with room for a corner one row
-    below the last token, (2 S + 1) M D < 2^31, so at most 2^30 elements an image (2 GiB of bf16)."""
+    below the last token, (2 S + 1) M D < 2^31, so just under 2^30 elements an image (2 GiB of bf16)."""
     if value.dim() != 4:  # the op's own check names the fault
         return True
     _, S, M, D = value.shape
@@ -155,7 +155,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     image's value fits its offsets, else the reference, with a warning)."""
     if value.is_cuda and not fits_op(value):
         warnings.warn(f"msda: one image's value has {value.shape[1:].numel()} elements, more than the CUDA op's 32-bit "
-                      "offsets take (2^30); using the (slower) PyTorch reference.")
+                      "offsets take (below 2^30); using the (slower) PyTorch reference.")
     # `_op is not None` first: under torch.compile the built op is then a constant and load_op is never traced.
     elif value.is_cuda and (_op is not None or load_op() is not None):
         # Locations and weights stay fp32 even under autocast: an fp16/bf16 location is off by up to a pixel on

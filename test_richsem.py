@@ -143,9 +143,10 @@ def test_op_rejects_bad_arguments_with_a_message():
         pytest.skip(f"the op could not be built: {msda._op_failed}")
 
     def call(value=(1, 16, 2, 32), loc=(1, 3, 2, 1, 2, 2), attn=(1, 3, 2, 1, 2), shapes=(1, 2), grad=None,
-             dtype=torch.float32, loc_dtype=torch.float32, grad_dtype=None, device="meta", shapes_device=None):
+             dtype=torch.float32, loc_dtype=torch.float32, grad_dtype=None, device="meta", shapes_device=None,
+             shapes_dtype=torch.long):
         v = torch.empty(value, dtype=dtype, device=device)
-        args = (v, torch.empty(shapes, dtype=torch.long, device=shapes_device or device),
+        args = (v, torch.empty(shapes, dtype=shapes_dtype, device=shapes_device or device),
                 torch.empty(1, dtype=torch.long, device=device), torch.empty(loc, dtype=loc_dtype, device=device),
                 torch.empty(attn, device=device))
         if grad is None:
@@ -158,19 +159,26 @@ def test_op_rejects_bad_arguments_with_a_message():
                                      r"\[1, 3, 2, 1, 2, 2\]"),
         (dict(loc=(1, 3, 4, 1, 2, 2), attn=(1, 3, 4, 1, 2)), r"sampling_locations \[1, 3, 4, 1, 2, 2\] do not match "
                                                              r"value \[1, 16, 2, 32\]"),
-        (dict(shapes=(2, 2)), r"spatial_shapes must be int64 \(L, 2\) with L = 1, got \[2, 2\]"),
+        (dict(shapes=(2, 2)), r"spatial_shapes must be int64 \(L, 2\) with L = 1, got Long \[2, 2\]"),
+        (dict(shapes_dtype=torch.int32), r"spatial_shapes must be int64 \(L, 2\) with L = 1, got Int \[1, 2\]"),
         (dict(value=(1, 2 ** 22, 8, 32), loc=(1, 3, 8, 1, 2, 2), attn=(1, 3, 8, 1, 2), dtype=torch.bfloat16),
-         r"S \* M \* D = 1073741824, at most 2\^30"),
+         r"S \* M \* D = 1073741824, must be below 2\^30"),
         (dict(loc=(1, 3, 2, 1, 46341, 2), attn=(1, 3, 2, 1, 46341)), r"L = 1, P = 46341"),
         (dict(loc_dtype=torch.bfloat16), r"must be Float for a Float value, got BFloat16 and Float"),
         (dict(grad=(1, 3, 63)), r"grad_output must be \(N, Lq, M \* D\), got \[1, 3, 63\]"),
-        (dict(shapes_device="cpu"), r"all inputs must be on meta, got cpu"),
+        (dict(shapes_device="cpu"), r"all inputs must be on meta, got spatial_shapes on cpu"),
         (dict(grad=(1, 3, 64), grad_dtype=torch.bfloat16), r"grad_output must be a contiguous Float tensor on meta"),
         (dict(device="cpu"), r"value must be a CUDA tensor"),
     ]
     for kwargs, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call(**kwargs)
+    value, shapes, starts, attn = (torch.empty(s, dtype=d, device="meta") for s, d in
+                                   [((1, 16, 2, 32), torch.float32), ((1, 2), torch.long), (1, torch.long),
+                                    ((1, 3, 2, 1, 2), torch.float32)])
+    strided = torch.empty(1, 3, 2, 1, 2, 4, device="meta")[..., :2]  # the right shape, not contiguous
+    with pytest.raises(RuntimeError, match="sampling_locations must be contiguous"):
+        op.forward(value, shapes, starts, strided, attn)
 
 
 def cuda_vs_reference(dtype, D, seed, N=2, Lq=7, M=3, shapes=((9, 7), (5, 4), (2, 3)), P=4):

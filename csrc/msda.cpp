@@ -26,15 +26,20 @@ std::string str(at::IntArrayRef sizes) {
 }
 
 // Every way a caller can get the arguments wrong, caught here with a message rather than as a wrong result or an
-// illegal memory access inside the kernel. None needs a GPU, so that all can be tested on meta tensors; the device
-// comes last (check_on_gpu).
+// illegal memory access inside the kernel, but one: the values of spatial_shapes and level_start_index, which live on
+// the GPU, where reading them would cost a host sync per call. The kernels assume H, W >= 0, sum(H * W) == S and
+// level_start_index the running sum of H * W, as the module builds them (ms_deform_attn_reference checks the sum).
+// None of the checks needs a GPU, so that all can be tested on meta tensors; the device comes last (check_on_gpu).
 void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
                 const at::Tensor& attn) {
-  for (const auto* t : {&shapes, &starts, &loc, &attn}) {
-    TORCH_CHECK(t->device() == value.device(), "msda: all inputs must be on ", value.device(), ", got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "msda: inputs must be contiguous");
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"value", &value}, {"spatial_shapes", &shapes}, {"level_start_index", &starts}, {"sampling_locations", &loc},
+      {"attention_weights", &attn}};
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK(t->device() == value.device(), "msda: all inputs must be on ", value.device(), ", got ", name, " on ",
+                t->device());
+    TORCH_CHECK(t->is_contiguous(), "msda: ", name, " must be contiguous");
   }
-  TORCH_CHECK(value.is_contiguous(), "msda: value must be contiguous");
   TORCH_CHECK(value.dim() == 4, "msda: value must be (N, S, M, D), got ", str(value.sizes()));
   TORCH_CHECK(loc.dim() == 6 && loc.size(5) == 2, "msda: sampling_locations must be (N, Lq, M, L, P, 2), got ",
               str(loc.sizes()));
@@ -45,14 +50,16 @@ void check_args(const at::Tensor& value, const at::Tensor& shapes, const at::Ten
   TORCH_CHECK(attn.sizes() == loc.sizes().slice(0, 5), "msda: attention_weights ", str(attn.sizes()),
               " do not match sampling_locations ", str(loc.sizes()));
   TORCH_CHECK(shapes.scalar_type() == at::kLong && shapes.dim() == 2 && shapes.size(0) == L && shapes.size(1) == 2,
-              "msda: spatial_shapes must be int64 (L, 2) with L = ", str(L), ", got ", str(shapes.sizes()));
+              "msda: spatial_shapes must be int64 (L, 2) with L = ", str(L), ", got ", shapes.scalar_type(), " ",
+              str(shapes.sizes()));
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == L,
-              "msda: level_start_index must be int64 (L,), got ", str(starts.sizes()));
+              "msda: level_start_index must be int64 (L,) with L = ", str(L), ", got ", starts.scalar_type(), " ",
+              str(starts.sizes()));
   // What the kernels' index arithmetic assumes: offsets within one image's value in 32 bits (with room for a corner
   // one row below the last token), query blocks within the grid's x limit, and exact level_of (msda_cuda.cu).
   const int64_t S = value.size(1), D = value.size(3), Lq = loc.size(1), P = loc.size(4);
   TORCH_CHECK((2 * S + 1) * M * D < (int64_t(1) << 31), "msda: one image's value has too many elements (S * M * D = ",
-              str(S * M * D), ", at most 2^30)");
+              str(S * M * D), ", must be below 2^30)");
   TORCH_CHECK(Lq < (int64_t(1) << 34), "msda: too many queries (", str(Lq), ")");
   TORCH_CHECK(P < 46341 && L < (int64_t(1) << 31) && L * P * P < (int64_t(1) << 31),
               "msda: too many levels and points (L = ", str(L), ", P = ", str(P), "; L * P * P must be below 2^31)");
