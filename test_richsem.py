@@ -2682,6 +2682,13 @@ def test_resume_takes_the_new_lr_settings(world, run_a, tmp_path):
     groups = load(os.path.join(out, 'checkpoint.pth'))['optimizer']['param_groups']
     assert [g['lr'] for g in groups] == [pytest.approx(5e-5), pytest.approx(2e-6)]
     assert [g['weight_decay'] for g in groups] == [0.05, 0.05]
+    # unchanged settings after the drop: the very same lr floats, so the run stays bit-identical to run_a
+    same = str(tmp_path / 'same')
+    os.makedirs(same)
+    shutil.copy(os.path.join(run_a, 'checkpoint_e00.pth'), os.path.join(same, 'checkpoint.pth'))
+    train.main(argv(world, same, '--resume', 'auto', '--max_iters', '3'))
+    assert_same_tree(load(os.path.join(same, 'checkpoint.pth'))['optimizer'],
+                     load(os.path.join(run_a, 'checkpoint.pth'))['optimizer'])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, monkeypatch):

@@ -270,11 +270,13 @@ def build_optimizer(args, model, device):
 def apply_lr_settings(args, optimizer, scheduler):
     """After a resume: the command line's --lr, --lr_backbone, --weight_decay and --lr_drop, which loading the
     optimizer and scheduler state replaced by the old run's (a resume "with a lower --lr" must get it). The lr is
-    the schedule's at the restored epoch: base * 0.1 ** (epoch // lr_drop)."""
+    the schedule's at the restored epoch, base * 0.1 ** (epoch // lr_drop), multiplied out drop by drop as StepLR
+    does, so that unchanged settings give the very same float and the resumed run stays bit-identical."""
     scheduler.step_size, scheduler.base_lrs = args.lr_drop, [args.lr, args.lr_backbone]  # build_optimizer's groups
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group['initial_lr'], group['weight_decay'] = base, args.weight_decay
-        group['lr'] = base * scheduler.gamma ** (scheduler.last_epoch // scheduler.step_size)
+        group['initial_lr'], group['weight_decay'], group['lr'] = base, args.weight_decay, base
+        for _ in range(scheduler.last_epoch // scheduler.step_size):
+            group['lr'] *= scheduler.gamma
 
 
 class NonFiniteLoss(Exception):
