@@ -508,6 +508,12 @@ def eval_loader(dataset, batch_size, num_workers, rank=None, world_size=None):
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
+def lvis_batches(position, ratio):
+    """LVIS batches among the first `position` of an epoch of MixedLoader's pattern ratio = (a, b)."""
+    a, b = ratio
+    return position // (a + b) * a + min(position % (a + b), a)
+
+
 class MixedLoader:
     """
     One epoch = one pass of the LVIS loader, interleaved with extra batches: ratio = (a, b) means a LVIS batches,
@@ -541,8 +547,7 @@ class MixedLoader:
 
     def _lvis_done(self):
         """LVIS batches among the first `position` of the epoch."""
-        a, b = self.ratio
-        return self.position // (a + b) * a + min(self.position % (a + b), a)
+        return lvis_batches(self.position, self.ratio)
 
     def images_per_step(self):
         """(LVIS, extra) images that one batch of each source takes over all ranks: batch size x world size."""
@@ -581,16 +586,18 @@ class MixedLoader:
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "extra_epoch": self.extra_epoch,
-                "extra_done": self.extra_done, "images_per_step": self.images_per_step()}
+                "extra_done": self.extra_done, "images_per_step": self.images_per_step(), "ratio": self.ratio}
 
     def load_state_dict(self, state):
         self.epoch, self.position = state["epoch"], state["position"]
         self.extra_epoch, self.extra_done, self._extra_iter = state["extra_epoch"], state["extra_done"], None
         new = self.images_per_step()
         old = state.get("images_per_step", new)
-        if old[0] != new[0]:  # another world or batch size: whole new batches after the old run's images
+        old_ratio = tuple(state.get("ratio", self.ratio))  # another pattern: --no_extra toggled
+        if old[0] != new[0] or old_ratio != self.ratio:
+            # the LVIS batches the old run took, in its own pattern, as whole new batches after its images
             a, b = self.ratio
-            lvis_done = self._lvis_done() * old[0] // new[0]
+            lvis_done = lvis_batches(self.position, old_ratio) * old[0] // new[0]
             self.position = lvis_done // a * (a + b) + lvis_done % a
         if self.extra is not None and old[1] != new[1]:
             self.extra_done = self.extra_done * old[1] // new[1]

@@ -2000,6 +2000,34 @@ def test_mixed_loader_resumes_at_any_batch(workers):
         assert seen == reference, f"resumed after {k} batches"
 
 
+def test_mixed_loader_resumes_with_no_extra_toggled():
+    """--no_extra toggled on a resume: the LVIS batches the old run took are counted in its own pattern, so the epoch
+    goes on with the next LVIS batch, none skipped or repeated (hand-counted: 5 steps of 1:1 are 3 LVIS batches)."""
+    def build(extra_on):
+        lvis = data.train_loader(Numbers(10, 0), data.RepeatFactorSampler([[0]] * 10, seed=0, rank=0, world_size=1),
+                                 batch_size=2, num_workers=0)
+        extra_ds = Numbers(6, 100)
+        extra = data.train_loader(extra_ds, data.ExtraSampler(extra_ds, seed=0, rank=0, world_size=1), 2, 0)
+        return data.MixedLoader(lvis, extra if extra_on else None)
+
+    def lvis_ids(batches):
+        return [t["i"] for b in batches if b[3] == "lvis" for t in b[2]]
+
+    whole = lvis_ids(build(False))  # the epoch's LVIS order, the same in both patterns
+    assert sorted(whole) == list(range(10))
+    for before, after, steps in ((True, False, 5), (False, True, 3)):
+        old, seen = build(before), []
+        for b in old:
+            seen.append(b)
+            if len(seen) == steps:
+                break
+        resumed = build(after)
+        resumed.load_state_dict(old.state_dict())
+        rest = list(resumed)
+        assert lvis_ids(seen) == whole[:6] and lvis_ids(rest) == whole[6:], (before, after)
+        assert [b[3] for b in rest] == (["lvis", "extra"] * 2 if after else ["lvis"] * 2)
+
+
 def test_mixed_loader_resumes_on_another_number_of_gpus():
     """A run on 2 ranks of batch 2, stopped after k steps and resumed on 3 ranks of batch 1, goes on after the images
     the old run took, counted over all ranks: each source's new images are the next places of its pass, in the
