@@ -2719,6 +2719,29 @@ def test_resume_takes_the_new_lr_settings(world, run_a, tmp_path):
                      load(os.path.join(run_a, 'checkpoint.pth'))['optimizer'])
 
 
+def test_resume_mistakes_stop_with_a_message_and_lose_nothing(world, run_a, tmp_path):
+    """A fresh run into an out_dir with a checkpoint, a --resume PATH that is not there, a truncated checkpoint and
+    one of another architecture: each stops naming the file, and the checkpoint is left as it was."""
+    out = str(tmp_path)
+    ckpt = os.path.join(out, 'checkpoint.pth')
+    shutil.copy(os.path.join(run_a, 'checkpoint.pth'), ckpt)
+    before = open(ckpt, 'rb').read()
+    with pytest.raises(SystemExit, match=re.escape(ckpt) + ' exists: --resume auto continues that run'):
+        train.main(argv(world, out))
+    missing = os.path.join(out, 'nope.pth')
+    with pytest.raises(SystemExit, match=re.escape(f'--resume {missing}: no such file')):
+        train.main(argv(world, out, '--resume', missing))
+    with pytest.raises(SystemExit, match=r"holds another model than these settings build \(changed: "
+                                         r"\{'d_model': \(64, 32\)\}"):
+        train.main(argv(world, out, '--resume', 'auto', '--d_model', '32'))
+    assert open(ckpt, 'rb').read() == before
+    broken = os.path.join(out, 'broken.pth')
+    with open(broken, 'wb') as f:
+        f.write(before[:len(before) // 2])
+    with pytest.raises(SystemExit, match=re.escape(broken) + ': not a readable checkpoint'):
+        train.main(argv(world, out, '--resume', broken))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, monkeypatch):
     forward, calls = SetCriterion.forward, [0]
 

@@ -18,6 +18,7 @@ batches that bring new shapes (~13 minutes in all on a fresh 16-core H100 host; 
 day-long run gains hours, a short experiment may be faster with --no-compile.
 Resume where the run in --out_dir stopped (same epoch, iteration, optimizer and sampler state; add the same flags):
     torchrun --standalone --nproc_per_node 8 train.py ... --resume auto
+(without --resume, a run refuses an --out_dir that already holds a checkpoint).
 The paper's ablations (Table 3, R50 1x), each one flag on top of the command above:
     --no_extra --lambda_soft 0          DINO with the text classifier, LVIS only (the baseline)
     --no_extra                          soft semantics on LVIS only (Table 3h)
@@ -61,6 +62,8 @@ TOY_DEFAULTS = dict(data_path='data/toy', out_dir='out/toy', backbone='r18', bac
                     image_scale=0.25, batch_size=4, epochs=4, lr_drop=3, num_workers=2,
                     compile=False)  # eager, as measured: whether compiling pays off in a run of minutes is untested
 TOY_CPU_ITERS = 250
+# the settings that shape the model's state dict (lambda_soft: whether it has the semantic branch)
+ARCH_ARGS = ('backbone', 'd_model', 'dim_feedforward', 'enc_layers', 'dec_layers', 'num_queries', 'lambda_soft')
 
 
 def get_args(argv=None):
@@ -376,6 +379,12 @@ def train(args, ddp, rank, world_size, device):
     amp = device.type == 'cuda' and not args.fp32
     log_path = os.path.join(args.out_dir, 'log.jsonl')
     ckpt_path = os.path.join(args.out_dir, 'checkpoint.pth')
+    # before anything is built or written: a fresh run must not overwrite another's checkpoint and log
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise SystemExit(f'{ckpt_path} exists: --resume auto continues that run; to start afresh, give another '
+                         '--out_dir or remove it')
+    if args.resume not in (None, 'auto') and not os.path.isfile(args.resume):
+        raise SystemExit(f'--resume {args.resume}: no such file')
 
     def log(record):
         if master:
@@ -411,11 +420,20 @@ def train(args, ddp, rank, world_size, device):
     start_epoch, iteration, rng = 0, 0, None
     resume = ckpt_path if args.resume == 'auto' else args.resume
     if resume and (args.resume != 'auto' or os.path.exists(resume)):
-        # our own file, and it holds Python and NumPy RNG states, which weights_only would refuse
-        ckpt = torch.load(resume, map_location='cpu', weights_only=False)
+        try:  # our own file, and it holds Python and NumPy RNG states, which weights_only would refuse
+            ckpt = torch.load(resume, map_location='cpu', weights_only=False)
+        except Exception as err:  # truncated or not a checkpoint: say which file
+            raise SystemExit(f'{resume}: not a readable checkpoint ({type(err).__name__}: {err}); the copies of '
+                             f'finished epochs are {args.out_dir}/checkpoint_eXX.pth') from err
         if ckpt['class_names'] != train_set.class_names:
             raise ValueError(f'{resume} was trained on other classes than {args.data_path}')
-        model.load_state_dict(ckpt['model'])
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as err:  # another architecture: name the settings that made it
+            old = ckpt['args']
+            arch = {k: (old.get(k), getattr(args, k)) for k in ARCH_ARGS if old.get(k) != getattr(args, k)}
+            raise SystemExit(f'{resume} holds another model than these settings build (changed: {arch or "none"}; '
+                             f'the semantic branch exists when --lambda_soft > 0): {str(err).splitlines()[0]}') from err
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         apply_lr_settings(args, optimizer, scheduler)
@@ -431,6 +449,8 @@ def train(args, ddp, rank, world_size, device):
         if master:
             print(f'resumed {resume}: epoch {start_epoch}, step {loader.position} of it, iteration {iteration}'
                   + (f'; settings changed (was, now): {changed}' if changed else ''))
+            if start_epoch >= args.epochs:
+                print(f'{resume} has done {start_epoch} epochs, --epochs is {args.epochs}: nothing left to train')
 
     raw_model = model
     if ddp:
