@@ -842,6 +842,79 @@ def test_heads_of_all_layers_at_once_equal_each_layer_alone():
         torch.testing.assert_close(out['dn_outputs'][i]['pred_boxes'], boxes[:, :n_dn], rtol=1e-10, atol=1e-10)
 
 
+def test_box_refinement_and_look_forward_twice():
+    """Each decoder layer refines its reference by bbox_head of its un-normed output, in logit space: refs[i + 1] =
+    sigmoid(bbox_head(t_i) + logit(refs[i])) (by hand in float64, from the layers' outputs), passed on detached; and
+    look forward twice: the last layer's boxes carry gradient into the previous layer's refined box."""
+    net = _tiny().double().train()
+    with torch.no_grad():  # a non-zero last box layer, so that refinement moves the boxes
+        net.bbox_head.layers[-1].weight.normal_(std=0.05)
+        net.bbox_head.layers[-1].bias.normal_(std=0.3)
+    images, mask, targets = _batch()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    seen, outputs, decode = {}, [], net.decode
+
+    def spy(*args):
+        seen['hs'], seen['refs'] = decode(*args)
+        return seen['hs'], seen['refs']
+
+    net.decode = spy
+    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o)) for layer in net.decoder]
+    try:
+        out = net(images.double(), mask, targets)
+    finally:
+        for h in hooks:
+            h.remove()
+    refs = seen['refs']
+    assert len(outputs) == len(net.decoder) == len(refs) - 1
+    for i, t in enumerate(outputs):
+        prev = refs[i].detach()
+        expect = torch.sigmoid(net.bbox_head(t) + torch.log(prev.clamp(min=1e-3) / (1 - prev).clamp(min=1e-3)))
+        torch.testing.assert_close(refs[i + 1], expect, rtol=1e-10, atol=1e-10)
+    assert (refs[-1] - refs[-2]).abs().max() > 1e-3  # the refinement did move the boxes
+    grad, = torch.autograd.grad(out['pred_boxes'].sum(), refs[-2], allow_unused=True)
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_denoising_queries_start_at_their_boxes():
+    """Without box noise, every positive DN query's anchor is its GT box (in logit space): at the init, where the
+    last box layer is zero and no layer moves a box, every DN output box of every group equals its GT box."""
+    net = _tiny().double().train()
+    net.dn_box_noise = 0.0
+    images, mask, targets = _batch()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    out = net(images.double(), mask, targets)
+    G, m = out['dn_meta']['num_groups'], out['dn_meta']['max_gt']
+    assert G >= 1 and m == 3
+    for layer in out['dn_outputs']:
+        for b, t in enumerate(targets):
+            for g in range(G):
+                pos = layer['pred_boxes'][b, g * 2 * m:g * 2 * m + len(t['boxes'])]
+                torch.testing.assert_close(pos, t["boxes"], rtol=0, atol=1e-6)  # DN noise math runs in fp32
+
+
+def test_padded_cells_do_not_reach_the_outputs():
+    """Noise of any size on the padded cells of every feature map (after input_proj) leaves the inference outputs
+    exactly as they were: the padding mask keeps them out of every value the encoder and decoder sample."""
+    net = _tiny().double().eval()
+    images, mask, _ = _batch()
+    assert mask[1].any() and not mask[0].any()
+    clean = net(images.double(), mask)
+    features = net.multiscale_features
+
+    def noisy(images, mask):
+        srcs, masks = features(images, mask)
+        # the padded cells as this test sees them: the input mask at each map's size, nearest
+        pads = [F.interpolate(mask[None].float(), size=s.shape[-2:])[0] for s in srcs]
+        assert sum(p[1].any() for p in pads) >= 3  # the coarsest map may have no padded cell
+        return [s + 100 * torch.randn_like(s) * p[:, None] for s, p in zip(srcs, pads)], masks
+
+    net.multiscale_features = noisy
+    out = net(images.double(), mask)
+    for k in ('pred_logits', 'pred_boxes'):
+        torch.testing.assert_close(out[k], clean[k], rtol=1e-9, atol=1e-9)
+
+
 def test_query_selection_heads_on_chosen_tokens_equal_heads_on_all():
     """select_queries runs the encoder heads on the K chosen tokens only; the formula (heads on every token, then
     gathered, as DINO) must give the same outputs and gradients, in float64."""
