@@ -432,8 +432,9 @@ def train(args, ddp, rank, world_size, device):
         except RuntimeError as err:  # another architecture: name the settings that made it
             old = ckpt['args']
             arch = {k: (old.get(k), getattr(args, k)) for k in ARCH_ARGS if old.get(k) != getattr(args, k)}
+            detail = ' '.join(str(err).split())[:400]  # torch's first line only says "Error(s) in loading"
             raise SystemExit(f'{resume} holds another model than these settings build (changed: {arch or "none"}; '
-                             f'the semantic branch exists when --lambda_soft > 0): {str(err).splitlines()[0]}') from err
+                             f'the semantic branch exists when --lambda_soft > 0): {detail}') from err
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         apply_lr_settings(args, optimizer, scheduler)
