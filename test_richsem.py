@@ -1308,6 +1308,16 @@ def test_criterion_end_to_end():
     assert outputs["dn_outputs"][-1]["pred_soft"].grad.abs().sum() > 0
 
 
+def test_dn_pairs_hand_case():
+    """prepare_cdn's layout by hand: GT counts [2, 1], 2 groups of 2 * max_gt = 4 queries, 2 layers. Positive copy j of
+    group g is query g * 4 + j; the GT index counts over the batch (image 1's box is GT 2)."""
+    layer, batch, query, gt = SetCriterion.dn_pairs([2, 1], num_groups=2, max_gt=2, num_layers=2, device="cpu")
+    assert layer.tolist() == [0] * 6 + [1] * 6
+    assert batch.tolist() == [0, 0, 0, 0, 1, 1] * 2
+    assert query.tolist() == [0, 1, 4, 5, 0, 4] * 2
+    assert gt.tolist() == [0, 1, 0, 1, 2, 2] * 2
+
+
 def test_criterion_pairs_each_image_with_its_own_gt():
     """Two images, one GT each, and in each image one query sitting exactly on its own GT: zero box losses (a GT
     index that forgot the image's offset in the batch would pair the second query with the first image's GT)."""
