@@ -100,8 +100,8 @@ def _require(path, kind, what):
 
 
 def _require_images(paths, what, sample=64):
-    """Fail at construction when none of `sample` evenly spaced image files exists (a wrong image root would else
-    train on replacements until MAX_TRIES, or evaluate every image as missed); warn when some are missing."""
+    """Fail at construction when none of `sample` evenly spaced image files exists (a wrong image root), warn when
+    some are missing."""
     picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)]
     missing = [p for p in picked if not os.path.isfile(p)]
     if picked and len(missing) == len(picked):
@@ -545,10 +545,6 @@ class MixedLoader:
         n = len(self.lvis)
         return n + n // self.ratio[0] * self.ratio[1]
 
-    def _lvis_done(self):
-        """LVIS batches among the first `position` of the epoch."""
-        return lvis_batches(self.position, self.ratio)
-
     def images_per_step(self):
         """(LVIS, extra) images that one batch of each source takes over all ranks: batch size x world size."""
         extra = 0 if self.extra is None else self.extra.batch_size * self.extra.sampler.num_replicas
@@ -556,7 +552,7 @@ class MixedLoader:
 
     def __iter__(self):
         a, b = self.ratio
-        lvis_done = self._lvis_done()
+        lvis_done = lvis_batches(self.position, self.ratio)
         self.lvis.sampler.skip = lvis_done * self.lvis.batch_size
         lvis_iter = iter(self.lvis)
         while True:

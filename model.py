@@ -286,8 +286,8 @@ class MLP(nn.Module):
 def contrast(x, text_unit):
     """
     x: (..., E); text_unit: (C, E) rows of unit norm -> (..., C) fp32 logits 100 * cos (CLIP's frozen scale).
-    Under autocast the product itself runs in bf16: fine for the focal loss, where logits near 0 matter most (the
-    semantic branch and the evaluation's class scores leave autocast for it).
+    Under autocast the product itself runs in bf16: fine for the focal loss, where logits near 0 matter most
+    (ContrastHead's exact=True leaves autocast where absolute logits matter).
     """
     return fp32(100.0 * F.normalize(fp32(x), dim=-1) @ text_unit.T)
 
@@ -300,9 +300,13 @@ class ContrastHead(nn.Module):
         self.proj = nn.Linear(d_model, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=embed_dim ** -0.5)
 
-    def forward(self, h, text_unit):
-        """h: (..., d); text_unit: (C, E) unit rows -> (..., C) logits."""
-        return contrast(self.proj(h), text_unit)
+    def forward(self, h, text_unit, exact=False):
+        """h: (..., d); text_unit: (C, E) unit rows -> (..., C) logits; exact: in fp32 even under autocast, where bf16
+        rounds 100*cos logits in steps of 1/32-1/4 (4-64)."""
+        if not exact:
+            return contrast(self.proj(h), text_unit)
+        with torch.autocast(h.device.type, enabled=False):
+            return contrast(self.proj(fp32(h)), text_unit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,11 +589,8 @@ class RichSem(nn.Module):
         # All layers' heads in one call each (the heads are shared): a few large kernels instead of many small ones.
         layers = slice(None) if self.training else slice(-1, None)
         h, ref = torch.stack(hs[layers]), torch.stack(refs[:-1][layers])  # (layers, B, Nq, d), (layers, B, Nq, 4)
-        if self.training:
-            logits = self.class_head(h, text_unit).unbind(0)
-        else:  # evaluation ranks these scores: fp32 even under autocast, where bf16 rounds 100*cos logits of 4-8 in
-            with torch.autocast(h.device.type, enabled=False):  # steps of 1/32, and ties are then broken by index
-                logits = self.class_head(fp32(h), text_unit).unbind(0)
+        # evaluation ranks these scores: exact, else bf16 ties many of them (broken by index)
+        logits = self.class_head(h, text_unit, exact=not self.training).unbind(0)
         boxes = (fp32(self.bbox_head(h)) + inverse_sigmoid(ref)).sigmoid().unbind(0)
         out = {'pred_logits': logits[-1][:, n_dn:], 'pred_boxes': boxes[-1][:, n_dn:]}
         if not self.training:
@@ -598,10 +599,8 @@ class RichSem(nn.Module):
                               for l, b in zip(logits[:-1], boxes[:-1])]
         out['enc_outputs'] = enc_outputs
         if self.semantic_branch is not None:
-            # in fp32 even under autocast: the KL's softmax at temperature 1 sees absolute logit errors, and bf16
-            # rounds 100*cos logits in steps of 0.125-0.25
-            with torch.autocast(hs[-1].device.type, enabled=False):
-                soft = self.semantic_branch(fp32(hs[-1]), text_unit)
+            # exact: the KL's softmax at temperature 1 sees absolute logit errors
+            soft = self.semantic_branch(hs[-1], text_unit, exact=True)
             out['pred_soft'] = soft[:, n_dn:]
         if dn is not None:
             out['dn_outputs'] = [{'pred_logits': l[:, :n_dn], 'pred_boxes': b[:, :n_dn]} for l, b in zip(logits, boxes)]
