@@ -231,6 +231,23 @@ def test_cuda_gradcheck(D):
 
 
 @needs_cuda
+def test_cuda_op_compiles_into_one_graph():
+    """Eager calls take an autograd.Function, compiled ones the custom op: with fullgraph=True a graph break (dynamo
+    tracing into the extension) is an error. Compiled forward and backward against the float64 reference."""
+    value, shapes, starts, loc, attn = random_problem(N=2, Lq=5, M=2, D=32, shapes=((6, 5), (3, 3)), P=2,
+                                                      device="cuda", seed=1)
+    grad = torch.randn(2, 5, 64, dtype=torch.float64, device="cuda")
+    results = []
+    for fn in (torch.compile(msda.ms_deform_attn, fullgraph=True), msda.ms_deform_attn_reference):
+        inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = fn(inputs[0], shapes, starts, inputs[1], inputs[2])
+        out.backward(grad)
+        results.append([out] + [t.grad for t in inputs])
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@needs_cuda
 def test_cuda_on_borders_and_other_device():
     shapes = ((5, 4), (2, 3))
     pts = border_locations(shapes)
