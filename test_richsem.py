@@ -567,6 +567,9 @@ def test_encoder_proposals_hand_case():
                                rtol=1e-5)
     assert torch.isinf(props[0, 3]).all() and not valid[0, 3]
     assert valid[0, [0, 1, 2, 4]].all()
+    # the side doubles per level (DINO: 0.05 * 2^l): tokens 0, 16 and 20 open levels 0, 1 and 2
+    props, _ = model.encoder_proposals(torch.zeros(1, 16 + 4 + 1, dtype=torch.bool), [(4, 4), (2, 2), (1, 1)])
+    np.testing.assert_allclose(props[0, [0, 16, 20], 2].numpy(), [logit(0.05), logit(0.1), logit(0.2)], rtol=1e-5)
 
 
 def test_valid_ratios_and_encoder_reference_points_hand_case():
@@ -1325,6 +1328,20 @@ def test_criterion_end_to_end():
     assert outputs["dn_outputs"][-1]["pred_soft"].grad.abs().sum() > 0
 
 
+def test_federated_focal_loss_hand_case():
+    """4 queries matched to 4 GT of class 2, 2 classes chosen: the GT class and one draw from the weighted classes
+    {1, 3}. The sample's width is k = max(2, 4 GT) = 4, so two of its columns are not chosen and must add nothing.
+    At logit 0 (p = 1/2) the focal loss is alpha/4 ln 2 for a positive and (1 - alpha)/4 ln 2 for a negative, so
+    4 queries x (0.0625 + 0.1875) ln 2 = ln 2, whichever of 1 and 3 is drawn."""
+    crit = SetCriterion(6, torch.tensor([0.0, 1, 0, 1, 0, 0]), fed_num_classes=2)
+    logits = torch.zeros(1, 1, 4, 6)
+    pairs = (torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    labels = torch.full((4,), 2)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert crit.loss_ce(logits, pairs, labels, labels).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
 def test_dn_pairs_hand_case():
     """prepare_cdn's layout by hand: GT counts [2, 1], 2 groups of 2 * max_gt = 4 queries, 2 layers. Positive copy j of
     group g is query g * 4 + j; the GT index counts over the batch (image 1's box is GT 2)."""
@@ -1756,6 +1773,24 @@ def test_resize_rule_hand_cases():
 
 RECT_COLOURS = [(230, 30, 30), (30, 200, 40), (40, 40, 230), (230, 220, 20)]
 RECTS = [(10, 12, 70, 60), (100, 20, 190, 75), (30, 100, 110, 170), (150, 110, 230, 165)]
+
+
+def test_random_crop_boxes_are_the_cropped_pixels():
+    """random_crop alone, no resize after it, so exact: each box is painted as a mask, and after the crop its box
+    must be the bounding box of what is left of its mask (dropped when nothing is). Windows are rarely square."""
+    for seed in range(60):
+        rng = random.Random(seed)
+        x0, y0 = rng.randint(0, 50), rng.randint(0, 30)
+        box = torch.tensor([[x0, y0, x0 + rng.randint(1, 40), y0 + rng.randint(1, 30)]], dtype=torch.float32)
+        mask = Image.new("L", (90, 50), 0)
+        ImageDraw.Draw(mask).rectangle([x0, y0, box[0, 2].item() - 1, box[0, 3].item() - 1], fill=255)
+        img, b, lab = data.random_crop(mask, box, torch.tensor([7]), (10, 45), rng)
+        ys, xs = np.nonzero(np.asarray(img))
+        if len(xs) == 0:
+            assert len(b) == 0 and len(lab) == 0
+        else:
+            assert lab.tolist() == [7]
+            assert b.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
 
 
 def test_train_transform_keeps_boxes_on_objects():
