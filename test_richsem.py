@@ -508,11 +508,14 @@ def test_cdn_box_noise_ranges():
         return torch.stack([b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2,
                             b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2], -1)
     half = torch.cat([gt[:, 2:], gt[:, 2:]], 1) / 2
-    shift = (corners(noised) - corners(gt)).abs() / half  # in units of half the box size
-    eps = 1e-4
+    signed = (corners(noised) - corners(gt)) / half  # in units of half the box size
+    shift, eps = signed.abs(), 1e-4
     assert (shift[:, 0] < 1 + eps).all()
     assert (shift[:, 1] > 1 - eps).all() and (shift[:, 1] < 2 + eps).all()
     assert shift[:, 0].max() > 0.8 and shift[:, 1].min() < 1.2  # the ranges are actually used
+    # each corner moves either way with probability 1/2 (G = 2: 400 draws of each kind, so 0.4 is 4 standard deviations)
+    for kind in range(2):
+        assert 0.4 < (signed[:, kind] > 0).double().mean().item() < 0.6
 
 
 def test_cdn_label_noise_and_unlabelled_boxes():
@@ -860,6 +863,32 @@ def test_heads_of_all_layers_at_once_equal_each_layer_alone():
         torch.testing.assert_close(layers[i]['pred_logits'], logits[:, n_dn:], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(layers[i]['pred_boxes'], boxes[:, n_dn:], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out['dn_outputs'][i]['pred_boxes'], boxes[:, :n_dn], rtol=1e-10, atol=1e-10)
+
+
+def test_decoder_cross_attention_queries_with_position():
+    """DINO's decoder layer queries the memory with tgt + query_pos: with the self-attention made blind to queries
+    and keys (zero q, k projections: a plain average of values), query_pos reaches the output only through the
+    deformable cross-attention's offsets and weights, so it changes the output, and stops changing it once those two
+    projections are zeroed too."""
+    torch.manual_seed(0)
+    layer = model.DecoderLayer(d_model=32, nheads=4, dim_feedforward=64, num_levels=2, num_points=2).double()
+    with torch.no_grad():
+        layer.self_attn.in_proj_weight[:64] = 0  # rows of q and k
+        layer.self_attn.in_proj_bias[:64] = 0
+        layer.cross_attn.sampling_offsets.weight.normal_(std=0.5)
+        layer.cross_attn.attention_weights.weight.normal_(std=0.5)
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    starts = torch.tensor([0, 16])
+    tgt, memory = torch.randn(1, 3, 32, dtype=torch.float64), torch.randn(1, 20, 32, dtype=torch.float64)
+    reference = torch.rand(1, 3, 1, 4, dtype=torch.float64).mul(0.4).add(0.3).expand(1, 3, 2, 4)
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    pos_a, pos_b = torch.randn(2, 1, 3, 32, dtype=torch.float64)
+    run_layer = lambda pos: layer(tgt, pos, reference, memory, shapes, starts, mask, None)  # noqa: E731
+    assert (run_layer(pos_a) - run_layer(pos_b)).abs().max() > 1e-3
+    with torch.no_grad():
+        layer.cross_attn.sampling_offsets.weight.zero_()
+        layer.cross_attn.attention_weights.weight.zero_()
+    torch.testing.assert_close(run_layer(pos_a), run_layer(pos_b), rtol=1e-12, atol=1e-12)
 
 
 def test_box_refinement_and_look_forward_twice():
