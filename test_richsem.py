@@ -2487,14 +2487,14 @@ class OneBox(nn.Module):
 
 def test_predict_boxes_are_xywh_in_original_pixels(tmp_path):
     """A 200 x 100 image evaluated at short side 50: the box (0.5, 0.5, 0.5, 0.5) is [50, 25, 100, 50] in the json's
-    pixels (xywh), and class 1 is category id 2."""
+    pixels (xywh), and class 1 is the second category id, 9 (ids need not be 1..C)."""
     Image.new('RGB', (200, 100)).save(tmp_path / 'a.png')
-    cats = [{'id': i, 'name': n, 'image_count': 1, 'frequency': 'r'} for i, n in ((1, 'a'), (2, 'b'))]
+    cats = [{'id': i, 'name': n, 'image_count': 1, 'frequency': 'r'} for i, n in ((9, 'b'), (4, 'a'))]
     (tmp_path / 'a.json').write_text(json.dumps({'images': [{'id': 5, 'file_name': 'a.png', 'width': 200,
                                                               'height': 100}], 'annotations': [], 'categories': cats}))
     ds = data.build_lvis(str(tmp_path / 'a.json'), str(tmp_path), train=False, eval_size=50)
     res = evaluate.predict(OneBox(torch.tensor([0.5, 0.5, 0.5, 0.5])), data.eval_loader(ds, 1, 0, 0, 1), 'cpu')
-    assert (res[0]['category_id'], res[0]['image_id'], res[0]['bbox']) == (2, 5, [50.0, 25.0, 100.0, 50.0])
+    assert (res[0]['category_id'], res[0]['image_id'], res[0]['bbox']) == (9, 5, [50.0, 25.0, 100.0, 50.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
