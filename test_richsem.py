@@ -3007,6 +3007,22 @@ def test_logged_terms_are_means_over_the_ranks_that_have_them(tmp_path):
         assert torch.load(tmp_path / f'mean{r}.pt') == {'loss': 2.0, 'loss_ce_dn': 4.0, 'loss_ce': 4.0}
 
 
+def _num_boxes_worker(rank, world_size, out):
+    dist.init_process_group('gloo', init_method='file://' + os.path.join(out, 'store'), rank=rank,
+                            world_size=world_size)
+    counts = [SetCriterion.num_boxes(sizes, 'cpu').item() for sizes in ([[3], [0]], [[1, 0], [1]])[rank]]
+    torch.save(counts, os.path.join(out, f'num_boxes{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_num_boxes_is_the_mean_gt_count_per_rank(tmp_path):
+    """DETR's normaliser: every rank divides its losses by the same number, the GT count averaged over the ranks
+    (images of 3 GT on rank 0, of 1 and 0 on rank 1: 2), at least 1 (0 and 1 GT: 0.5 -> 1)."""
+    mp.spawn(_num_boxes_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f'num_boxes{r}.pt') == [2.0, 1.0]
+
+
 def test_two_gloo_ranks_end_with_the_same_weights(world, tmp_path):
     out = str(tmp_path)
     spawn_on_a_free_port(_ddp_worker, 2, world, out)
