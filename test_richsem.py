@@ -237,6 +237,7 @@ def test_cuda_op_compiles_into_one_graph():
     value, shapes, starts, loc, attn = random_problem(N=2, Lq=5, M=2, D=32, shapes=((6, 5), (3, 3)), P=2,
                                                       device="cuda", seed=1)
     grad = torch.randn(2, 5, 64, dtype=torch.float64, device="cuda")
+    assert msda.load_op() is not None  # built first, as RichSem.compile_blocks does: tracing must not see the build
     results = []
     for fn in (torch.compile(msda.ms_deform_attn, fullgraph=True), msda.ms_deform_attn_reference):
         inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
