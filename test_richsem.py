@@ -2772,6 +2772,13 @@ def test_args_toy_defaults_and_conflicts():
         (1e-4, 1e-5, 1e-4, 0.1, 12, 11, 2, 0.5, 'RN50', 'r50', 900)
     with pytest.raises(SystemExit):
         train.get_args(['--unlabeled_extra', '--no_extra'])
+    # settings that would fail only later in the run (a modulo by zero at the first log line or the first epoch's
+    # end) or silently drop the lr every epoch
+    for bad in (['--lr_drop', '0'], ['--lr_drop', '-1'], ['--log_every', '0'], ['--epochs', '0'],
+                ['--batch_size', '0'], ['--save_every', '-1'], ['--eval_every', '-2']):
+        with pytest.raises(SystemExit):
+            train.get_args(bad)
+    assert train.get_args(['--save_every', '0', '--eval_every', '0']).save_every == 0  # 0: never, as documented
     # the toy's CPU run is cut short (the GPU schedule would take hours there); the paper's runs and explicit
     # settings are not
     assert train.get_args(['--dataset', 'toy', '--device', 'cpu']).max_iters == train.TOY_CPU_ITERS
@@ -2905,6 +2912,23 @@ def test_resume_mistakes_stop_with_a_message_and_lose_nothing(world, run_a, tmp_
         f.write(before[:len(before) // 2])
     with pytest.raises(SystemExit, match=re.escape(broken) + ': not a readable checkpoint'):
         train.main(argv(world, out, '--resume', broken))
+    weights_only = os.path.join(out, 'weights.pth')  # e.g. released weights: a model and nothing to continue
+    torch.save({'model': load(ckpt)['model']}, weights_only)
+    with pytest.raises(SystemExit, match=re.escape(weights_only) + r': not a checkpoint of train.py \(no optimizer, '
+                                         r'scheduler, sampler, epoch, iteration, args, class_names, rng\)'):
+        train.main(argv(world, out, '--resume', weights_only))
+    assert set(load(ckpt)) == set(train.CHECKPOINT_KEYS)  # what a resume checks for is what a run writes
+
+
+def test_fresh_run_moves_aside_the_log_of_a_run_without_checkpoint(world, tmp_path):
+    """A run that died before its first checkpoint leaves a log and nothing to resume: the next run into that
+    out_dir (fresh, or --resume auto) keeps the old log as log.jsonl.old and writes its own from iteration 1."""
+    out = str(tmp_path)
+    with open(os.path.join(out, 'log.jsonl'), 'w') as f:
+        f.write('{"iter": 7, "dead": true}\n')
+    train.main(argv(world, out, '--resume', 'auto', '--max_iters', '2', '--save_every', '0'))
+    assert [r['iter'] for r in read_log(out)] == [1, 2]
+    assert open(os.path.join(out, 'log.jsonl.old')).read() == '{"iter": 7, "dead": true}\n'
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, run_a, tmp_path, monkeypatch):

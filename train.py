@@ -52,7 +52,8 @@ from losses import SetCriterion
 from model import RichSem
 
 # Sizes of the toy world: it is small and drawn at low resolution, and its backbone starts from scratch (no
-# downloads), so it needs fewer queries and layers, smaller images and a backbone learning as fast as the rest.
+# downloads), so it needs fewer queries and layers, smaller images and a backbone learning as fast as the rest (layers
+# 2-4: the stem and layer1 stay frozen, as in DINO, here at their random init).
 # Applied under --dataset toy to every setting the command line does not give. 4 epochs (lr x0.1 for the last) are
 # 1,500 LVIS + 1,500 mosaic steps: about 6 minutes on an H100. On the CPU a step takes ~2 s, so there the toy stops
 # after TOY_CPU_ITERS steps (~10 minutes on 2 cores, world included): the whole pipeline runs, but AP stays far
@@ -62,6 +63,8 @@ TOY_DEFAULTS = dict(data_path='data/toy', out_dir='out/toy', backbone='r18', bac
                     image_scale=0.25, batch_size=4, epochs=4, lr_drop=3, num_workers=2,
                     compile=False)  # eager, as measured: whether compiling pays off in a run of minutes is untested
 TOY_CPU_ITERS = 250
+# what save_checkpoint writes and a resume reads
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'sampler', 'epoch', 'iteration', 'args', 'class_names', 'rng')
 # the settings that shape the model's state dict (lambda_soft: whether it has the semantic branch)
 ARCH_ARGS = ('backbone', 'd_model', 'dim_feedforward', 'enc_layers', 'dec_layers', 'num_queries', 'lambda_soft')
 
@@ -127,6 +130,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.unlabeled_extra and args.no_extra:
         p.error('--unlabeled_extra needs the extra data (drop --no_extra)')
+    for name, least in (('lr_drop', 1), ('log_every', 1), ('epochs', 1), ('batch_size', 1), ('save_every', 0),
+                        ('eval_every', 0)):  # else a modulo by zero, or a silent lr drop every epoch, later in the run
+        if getattr(args, name) < least:
+            p.error(f'--{name} must be >= {least} (got {getattr(args, name)})'
+                    + (': for no drop, give one > --epochs' if name == 'lr_drop' else ''))
     return args
 
 
@@ -385,6 +393,10 @@ def train(args, ddp, rank, world_size, device):
                          '--out_dir or remove it')
     if args.resume not in (None, 'auto') and not os.path.isfile(args.resume):
         raise SystemExit(f'--resume {args.resume}: no such file')
+    if args.resume == 'auto':  # the checkpoint this run continues; None: a fresh run
+        resume = ckpt_path if os.path.exists(ckpt_path) else None
+    else:
+        resume = args.resume
 
     def log(record):
         if master:
@@ -393,6 +405,9 @@ def train(args, ddp, rank, world_size, device):
 
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
+        if resume is None and os.path.exists(log_path):  # left by a run that died before its first checkpoint
+            os.replace(log_path, log_path + '.old')
+            print(f'{log_path}: a log without a checkpoint, moved to log.jsonl.old; this run starts a new one')
         config = {**vars(args), 'world_size': world_size, 'global_batch': args.batch_size * world_size}
         print('config:\n' + '\n'.join(f'  {k}: {v}' for k, v in config.items()))
         with open(os.path.join(args.out_dir, 'config.json'), 'w') as f:
@@ -418,13 +433,16 @@ def train(args, ddp, rank, world_size, device):
 
     # ---- resume: the state after `iteration` steps; the loader's state says where in its epoch ----
     start_epoch, iteration, rng = 0, 0, None
-    resume = ckpt_path if args.resume == 'auto' else args.resume
-    if resume and (args.resume != 'auto' or os.path.exists(resume)):
+    if resume:
         try:  # our own file, and it holds Python and NumPy RNG states, which weights_only would refuse
             ckpt = torch.load(resume, map_location='cpu', weights_only=False)
         except Exception as err:  # truncated or not a checkpoint: say which file
             raise SystemExit(f'{resume}: not a readable checkpoint ({type(err).__name__}: {err}); the copies of '
                              f'finished epochs are {args.out_dir}/checkpoint_eXX.pth') from err
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:  # e.g. released weights, which hold a model alone: not a run to continue
+            raise SystemExit(f'{resume}: not a checkpoint of train.py (no {", ".join(missing)}); --resume continues '
+                             'a run that train.py saved')
         if ckpt['class_names'] != train_set.class_names:
             raise ValueError(f'{resume} was trained on other classes than {args.data_path}')
         try:
