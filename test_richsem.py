@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -1780,6 +1781,10 @@ def test_repeat_factor_ranks_shards_and_epochs():
         assert sorted(sum(shards, [])) == sorted(padded) and len(padded) - len(whole) < world
         orders.append(whole)
     assert len({tuple(o) for o in orders}) == 5
+    # fewer images than ranks: the pad cycles the list, so every rank still gets a step (unequal steps hang DDP)
+    tiny = [data.RepeatFactorSampler([[0]] * 3, seed=0, rank=r, world_size=8) for r in range(8)]
+    shards = [[i for i, _ in s] for s in tiny]
+    assert [len(s) for s in shards] == [1] * 8 and sorted(Counter(sum(shards, [])).values()) == [2, 3, 3]
 
 
 def test_repeat_factor_resume():
