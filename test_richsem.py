@@ -1413,6 +1413,38 @@ def test_loss_ce_hand_value():
     assert got == pytest.approx(ref, rel=1e-5)
 
 
+def test_every_layer_losses_by_hand_with_its_own_matching():
+    """The last, an aux and the encoder layer, each with random predictions, against 3 GT: each layer's matching by
+    brute force over its own costs, then its focal sum, 5 x L1 and 2 x (1 - GIoU) by hand in float64, all over
+    num_boxes = 3 (a criterion that reused one layer's matching, or dropped a weight or the normaliser, fails)."""
+    g = torch.Generator().manual_seed(7)
+    C, Q = 4, 5
+    layers = [make_outputs(g, 1, Q, C) for _ in range(3)]
+    outputs = dict(layers[0], aux_outputs=[layers[1]], enc_outputs=layers[2])
+    targets = [{"labels": torch.tensor([2, 0, 2]), "boxes": random_boxes(g, 3)}]
+    got = SetCriterion(C, torch.ones(C), fed_num_classes=C)(outputs, targets)  # every class: no sampling
+    gt_xyxy = box_cxcywh_to_xyxy(targets[0]["boxes"]).tolist()
+    matchings = []
+    for layer, suffix in zip(layers, ["", "_0", "_enc"]):
+        logits, boxes = layer["pred_logits"][0], layer["pred_boxes"][0]
+        queries = brute_force(logits, boxes, targets[0]["labels"], targets[0]["boxes"])  # query of GT j
+        matchings.append(queries)
+        positive = {(q, int(targets[0]["labels"][j])) for j, q in enumerate(queries)}
+        ce = 0.0
+        for q in range(Q):
+            for c in range(C):
+                p = 1 / (1 + math.exp(-float(logits[q, c])))
+                pt, a = (p, 0.25) if (q, c) in positive else (1 - p, 0.75)
+                ce += a * (1 - pt) ** 2 * -math.log(pt)
+        pred_xyxy = box_cxcywh_to_xyxy(boxes).tolist()
+        l1 = sum(abs(float(boxes[q, i]) - float(targets[0]["boxes"][j, i])) for j, q in enumerate(queries)
+                 for i in range(4))
+        giou = sum(1 - ref_giou(pred_xyxy[q], gt_xyxy[j]) for j, q in enumerate(queries))
+        assert got["loss_ce" + suffix].item() == pytest.approx(ce / 3, rel=1e-5)
+        assert got["loss_bbox" + suffix].item() == pytest.approx(5 * l1 / 3, rel=1e-5)
+        assert got["loss_giou" + suffix].item() == pytest.approx(2 * giou / 3, rel=1e-5)
+    assert len(set(matchings)) > 1  # the layers' matchings differ: the case tells them apart
+
 def test_label_minus_one_excluded_from_ce():
     outputs, targets = make_case(1)
     crit = SetCriterion(LC, torch.ones(LC), fed_num_classes=LC)  # every class in the subset: no sampling luck
