@@ -2767,7 +2767,7 @@ def read_log(out):
 
 
 def assert_same_tree(a, b, path=''):
-    """Exact equality of nested dicts / lists of tensors and numbers."""
+    """Exact equality of nested dicts / lists of tensors, arrays and numbers."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
@@ -2778,6 +2778,8 @@ def assert_same_tree(a, b, path=''):
             assert_same_tree(x, y, f'{path}[{i}]')
     elif torch.is_tensor(a):
         assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):  # NumPy's RNG state
+        assert np.array_equal(a, b), path
     else:
         assert a == b, path
 
@@ -2929,6 +2931,17 @@ def test_resume_takes_the_new_lr_settings(world, run_a, tmp_path):
     assert_same_tree(load(os.path.join(same, 'checkpoint.pth'))['optimizer'],
                      load(os.path.join(run_a, 'checkpoint.pth'))['optimizer'])
 
+
+def test_evaluating_during_training_does_not_change_the_run(world, run_a, tmp_path):
+    """run_a's 3 steps again, now evaluating after epoch 0 and at the stop: the same weights, optimizer and RNG
+    states as without evaluation (iterating its loader draws from the global RNG that DN noise and the federated
+    classes use: the evaluation must run on a fork of it)."""
+    out = str(tmp_path)
+    train.main(argv(world, out, '--max_iters', '3', '--eval_every', '1'))
+    assert [r['iter'] for r in read_log(out) if 'eval' in r] == [2, 3]
+    got, ref = load(os.path.join(out, 'checkpoint.pth')), load(os.path.join(run_a, 'checkpoint.pth'))
+    for key in ('model', 'optimizer', 'rng'):
+        assert_same_tree(got[key], ref[key])
 
 def test_resume_mistakes_stop_with_a_message_and_lose_nothing(world, run_a, tmp_path):
     """A fresh run into an out_dir with a checkpoint, a --resume PATH that is not there, a truncated checkpoint and
