@@ -14,6 +14,9 @@ Two implementations with the same semantics:
     ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). fp32/fp16/bf16 values with fp32 accumulation, fp64 for
     gradcheck. If it cannot be built (no nvcc, say) we say why once and fall back to the reference.
 
+They differ on non-finite locations only: the CUDA op takes a NaN or inf location as off the map (zero output and
+gradients), the reference gives NaN.
+
 ms_deform_attn() picks the CUDA op for CUDA tensors (whose images fit its 32-bit offsets: fits_op) and the reference
 otherwise.
 """

@@ -52,29 +52,46 @@ needs_data = pytest.mark.skipif(not DATA, reason="set RICHSEM_DATA to ../shared/
 # msda.py + csrc/: multi-scale deformable attention
 
 def bilinear_loop(value, shapes, loc, attn):
-    """Independent float64 oracle: the op's definition written as plain loops over every sample and corner."""
+    """Independent float64 oracle: the op's definition written as plain loops over every sample and corner; in
+    torch scalars, so that autograd gives its gradients too (the corner choice, floor, is piecewise constant)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
-    out = torch.zeros(N, Lq, M, D, dtype=torch.float64)
+    value, loc, attn = value.double(), loc.double(), attn.double()
     starts = [0]
     for h, w in shapes.tolist()[:-1]:
         starts.append(starts[-1] + h * w)
+    out = []
     for n in range(N):
         for q in range(Lq):
             for m in range(M):
+                acc = torch.zeros(D, dtype=torch.float64)
                 for l, (H, W) in enumerate(shapes.tolist()):
                     for p in range(P):
-                        x = loc[n, q, m, l, p, 0].item() * W - 0.5  # pixel-centre convention
-                        y = loc[n, q, m, l, p, 1].item() * H - 0.5
-                        x0, y0 = math.floor(x), math.floor(y)
+                        x = loc[n, q, m, l, p, 0] * W - 0.5  # pixel-centre convention
+                        y = loc[n, q, m, l, p, 1] * H - 0.5
+                        x0, y0 = math.floor(x.item()), math.floor(y.item())
                         fy, fx = y - y0, x - x0
                         for yy, xx, wgt in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
                                             (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
                             if 0 <= yy < H and 0 <= xx < W:  # zero outside the map
-                                a = attn[n, q, m, l, p].item()
-                                out[n, q, m] += a * wgt * value[n, starts[l] + yy * W + xx, m].double()
-    return out.view(N, Lq, M * D)
+                                acc = acc + attn[n, q, m, l, p] * wgt * value[n, starts[l] + yy * W + xx, m]
+                out.append(acc)
+    return torch.stack(out).view(N, Lq, M * D)
 
+
+def test_reference_gradients_match_loop_oracle():
+    """grid_sample's backward (the reference's gradients for value, locations and weights) against autograd through
+    the loop oracle, float64, on random points (none on a pixel edge, where the slope jumps)."""
+    value, shapes, starts, loc, attn = random_problem(N=1, Lq=3, D=3)
+    grad_out = torch.randn(1, 3, 2 * 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for op in (lambda *a: msda.ms_deform_attn_reference(a[0], shapes, starts, *a[1:]),
+               lambda *a: bilinear_loop(a[0], shapes, *a[1:])):
+        inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+        grads.append(torch.autograd.grad(op(*inputs), inputs, grad_out))
+    for g_ref, g_loop in zip(*grads):
+        assert g_loop.abs().sum() > 0
+        torch.testing.assert_close(g_ref, g_loop, rtol=1e-10, atol=1e-10)
 
 def random_problem(N=2, Lq=5, M=2, D=4, shapes=((6, 4), (3, 2)), P=3, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -261,6 +278,20 @@ def test_cuda_on_borders_and_other_device():
     got = msda.ms_deform_attn(value, shapes_t, starts, loc, attn)
     torch.testing.assert_close(got.cpu(), bilinear_loop(value.cpu(), shapes_t.cpu(), loc.cpu(), attn.cpu()),
                                rtol=1e-10, atol=1e-10)
+    # and the gradients, against the loop's by autograd (grid_sample's own arithmetic rounds some of these points to
+    # the other side of a pixel edge, where the slope jumps): a point exactly on -1 gets its location gradient from
+    # row / column 0 (weight 0 there, slope not), one exactly on W or H gets none
+    grad_out = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for d, op in ((dev, lambda *a: msda.ms_deform_attn(a[0], shapes_t, starts, *a[1:])),
+                  ("cpu", lambda *a: bilinear_loop(a[0], shapes_t.cpu(), *a[1:]))):
+        inputs = [t.detach().to(d).requires_grad_() for t in (value, loc, attn)]
+        grads.append(torch.autograd.grad(op(*inputs), inputs, grad_out.to(d)))
+    for name, g_dev, g_cpu in zip(("value", "locations", "weights"), *grads):
+        torch.testing.assert_close(g_dev.cpu(), g_cpu, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # level 0 is 5 x 4: x exactly on -1 with y strictly inside the rows (on y = -1 the row-0 weight and slope are 0)
+    on_minus_one = [k for k, (x, y) in enumerate(pts[0].tolist()) if x * 4 - 0.5 == -1.0 and -1 < y * 5 - 0.5 < 5]
+    assert len(on_minus_one) == 7 and grads[0][1][0, on_minus_one, 0, 0, 0, 0].abs().min() > 0
 
 
 @needs_cuda

@@ -124,7 +124,9 @@ template <typename acc_t>
 __device__ __forceinline__ Bilinear<acc_t> locate(acc_t x, acc_t y, int H, int W) {
   Bilinear<acc_t> b;
   const acc_t h = y * H - acc_t(0.5), w = x * W - acc_t(0.5);
-  b.inside = h > acc_t(-1) && w > acc_t(-1) && h < acc_t(H) && w < acc_t(W);
+  // exactly on -1, row / column 0 has weight 0 but still a location gradient, as in grid_sample (the original op's
+  // "> -1" drops it: with DINO's initial offsets of whole pixels, edge tokens' first points land there)
+  b.inside = h >= acc_t(-1) && w >= acc_t(-1) && h < acc_t(H) && w < acc_t(W);
   const int h0 = static_cast<int>(floor(h)), w0 = static_cast<int>(floor(w));
   b.lh = h - h0;
   b.lw = w - w0;
