@@ -1816,6 +1816,11 @@ TOY_FACTORS = [3.0, 1.5, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
 def test_repeat_factors_hand_computed():
     r = data.repeat_factors(TOY_CLASSES, thresh=0.9)
     assert torch.allclose(r, torch.tensor(TOY_FACTORS, dtype=torch.float64))
+    # LVIS's default t = 0.001 over 10,000 images: class 1 in 1 image (f = 1e-4, r = sqrt(10)), class 2 in 40
+    # (f = 0.004 > t, r = 1), the rest in none
+    classes = [[1, 2]] + [[2]] * 39 + [[]] * 9960
+    r = data.repeat_factors(classes)
+    assert r[0].item() == pytest.approx(math.sqrt(10)) and (r[1:] == 1).all()
 
 
 def test_repeat_factor_expected_counts():
@@ -1987,6 +1992,15 @@ def test_lvis_box_cleaning_and_paths(tmp_path):
     _, t = ds[0]
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["size"].tolist() == [80, 100]
     assert [c.tolist() for c in ds.image_classes()] == [[], [1, 4]]
+    # a re-encoded copy of other proportions (half as wide): the json's boxes are scaled onto it, so the normalised
+    # boxes stay those above, and predictions are still scored in the json's 100 x 80 frame
+    squeezed = tmp_path / "squeezed"
+    squeezed.mkdir()
+    Image.new("RGB", (50, 80)).save(squeezed / "a.png")
+    Image.new("RGB", (50, 40)).save(squeezed / "b.png")
+    ds_squeezed = data.LvisDetection(tmp_path / "a.json", str(squeezed), data.EvalResize(80, 1333))
+    image, t = ds_squeezed[1]
+    assert image.shape == (3, 128, 80) and torch.allclose(t["boxes"], want) and t["orig_size"].tolist() == [80, 100]
 
     # LVIS v1 style: no file_name, the split folder comes from coco_url
     (tmp_path / "coco" / "val2017").mkdir(parents=True)
