@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset, DistributedSampler
+from torchvision.utils import draw_bounding_boxes
 
 import clip_teacher
 import data
@@ -2696,6 +2697,26 @@ def test_checkpoint_and_drawing_cli(tmp_path):
     drawn = np.array(Image.open(tmp_path / 'out.png'))
     assert drawn.shape == (60, 90, 3)
     assert (drawn != np.array(Image.open(tmp_path / '1.png'))).any()
+
+
+def test_drawing_puts_the_boxes_in_the_original_pixels(tmp_path, monkeypatch):
+    """draw_detections asks postprocess for boxes in the original image's frame (60 x 90 here, not the 64 x 96 the
+    model saw) and draws exactly those, labelled '<name> <score>', over the original pixels: the PNG equals
+    torchvision's drawing of the hand-given box on the original image."""
+    _write_images(tmp_path, [(90, 60)])
+    asked = []
+
+    def fixed(outputs, target_sizes, num_select):
+        asked.append(target_sizes.tolist())
+        return [{'scores': torch.tensor([0.9, 0.1]), 'labels': torch.tensor([1, 2]),
+                 'boxes': torch.tensor([[10.0, 5.0, 80.0, 50.0], [0.0, 0.0, 5.0, 5.0]])}]
+    monkeypatch.setattr(evaluate, 'postprocess', fixed)
+    n = evaluate.draw_detections(_tiny_model(), tmp_path / '1.png', ['cup', 'dog', 'kite'], tmp_path / 'out.png',
+                                 'cpu', score=0.5, eval_size=64)
+    assert n == 1 and asked == [[[60, 90]]]
+    original = torch.from_numpy(np.array(Image.open(tmp_path / '1.png'))).permute(2, 0, 1)
+    want = draw_bounding_boxes(original, torch.tensor([[10.0, 5.0, 80.0, 50.0]]), labels=['dog 0.90'], width=2)
+    assert np.array_equal(np.array(Image.open(tmp_path / 'out.png')), want.permute(1, 2, 0).numpy())
 
 
 def test_cli_max_size_caps_the_long_side(tmp_path, monkeypatch):
