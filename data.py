@@ -442,7 +442,7 @@ class RepeatFactorSampler(Sampler):
             indices = torch.repeat_interleave(torch.arange(len(self.factors)), reps.long())
             indices = indices[torch.randperm(len(indices), generator=g)]
             pad = -len(indices) % self.world_size  # by the list's head, cycled when it is shorter than the pad
-            indices = torch.cat([indices, indices.repeat(-(-pad // max(len(indices), 1)))[:pad]])
+            indices = torch.cat([indices, indices.repeat(math.ceil(pad / max(len(indices), 1)))[:pad]])
             self._cache = (self.epoch, indices[self.rank::self.world_size].tolist())
         return self._cache[1]
 
