@@ -3302,6 +3302,30 @@ def toy_tiny_world(tmp_path_factory):
     return root, paths, after
 
 
+def _toy_build_worker(rank, root):
+    """make_toy_world with its slow parts replaced by stand-ins that take a second and log who ran them."""
+    def logged(what, seconds=1.0):
+        def stand_in(*args, **kwargs):
+            with open(os.path.join(root, 'builds.log'), 'a') as f:
+                f.write(f'{what} {rank}\n')
+            time.sleep(seconds)
+            if what == 'teacher':
+                os.makedirs(os.path.dirname(args[0]['teacher_ckpt']), exist_ok=True)
+                open(args[0]['teacher_ckpt'], 'w').close()
+            return {m: dict(r=0.0, c=0.0, f=0.0, all=0.0) for m in ('crop', 'box')}
+        return stand_in
+    toy.write_world_data, toy.train_teacher = logged('data'), logged('teacher')
+    toy.teacher_accuracy = logged('accuracy', 0)
+    toy.make_toy_world(root, seed=0, small=True)
+
+
+def test_toy_runs_started_together_build_the_world_once(tmp_path):
+    """Two processes asking for a world that is not there yet: one draws it and trains the teacher, the other
+    waits and finds it built (without the lock both build, and one may read images the other is rewriting)."""
+    mp.spawn(_toy_build_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    builds = [line.split() for line in (tmp_path / 'builds.log').read_text().splitlines()]
+    assert sorted(what for what, _ in builds) == ['accuracy', 'data', 'teacher'] and len({r for _, r in builds}) == 1
+
 def test_toy_building_leaves_the_callers_rng_alone(toy_tiny_world):
     torch.manual_seed(123)
     assert torch.equal(toy_tiny_world[2], torch.rand(3))

@@ -25,6 +25,7 @@ Layout on disk: <root>/lvis_v1_{train,val}.json, <root>/images/{train,val}2017/*
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
@@ -526,41 +527,45 @@ def make_toy_world(root, seed=0, device='cpu', small=None):
     Builds (whatever is missing of) the toy world under root and returns its paths:
     {'train_json', 'val_json', 'image_root', 'extra_root', 'teacher_ckpt', 'teacher_cfg' (dict)}.
     Idempotent: '<root>/world.json' marks finished data and the teacher checkpoint is written atomically, so a
-    second call only returns the paths; a root built with another seed or size is an error, not a silent reuse.
+    second call only returns the paths, and one made while another builds waits for it (a lock on <root>/build.lock);
+    a root built with another seed or size is an error, not a silent reuse.
     small=True: a tiny world (about 220 images, a 2-step teacher) for tests; None: the size already under root
     (so `train.py --dataset toy --data_path R` uses a small world built by `toy.py --small --root R`), else the
     default. device: where the teacher trains.
     """
-    marker = os.path.join(root, 'world.json')
-    found = None
-    if os.path.exists(marker):
-        with open(marker) as f:
-            found = json.load(f)
-    if small is None:
-        small = found is not None and found.get('size') == 'small'
-    size_name = 'small' if small else 'default'
-    size, paths = SIZES[size_name], world_paths(root)
-    stamp = dict(seed=seed, size=size_name)
-    if found is not None:
-        if found != stamp:
-            raise ValueError(f'{root} holds a toy world {found}, not {stamp}: use another root')
-    else:
-        t = time.time()
-        print(f'toy world: drawing {size_name} world (seed {seed}) under {root}', flush=True)
-        os.makedirs(root, exist_ok=True)
-        write_world_data(root, seed, size)
-        write_json(marker, stamp)
-        print(f'toy world: data done in {time.time() - t:.1f}s', flush=True)
-    report = os.path.join(root, 'teacher', 'zero_shot.json')
-    if not os.path.exists(paths['teacher_ckpt']) or not os.path.exists(report):
-        t = time.time()
-        print(f'toy world: training the toy CLIP teacher ({size["teacher_steps"]} steps on {device})', flush=True)
-        # training and loading draw only from torch's CPU generator: forking it leaves the caller's random
-        # streams where they were, so a run that builds the teacher first behaves like one that finds it cached
-        with torch.random.fork_rng(devices=[]):
-            train_teacher(paths, size['teacher_steps'], size['teacher_per_class'], device, seed)
-            write_json(report, teacher_accuracy(paths, device))
-        print(f'toy world: teacher done in {time.time() - t:.1f}s', flush=True)
+    os.makedirs(root, exist_ok=True)
+    # runs started side by side on one root: the first builds, the others wait here and then find it built
+    with open(os.path.join(root, 'build.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = os.path.join(root, 'world.json')
+        found = None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                found = json.load(f)
+        if small is None:
+            small = found is not None and found.get('size') == 'small'
+        size_name = 'small' if small else 'default'
+        size, paths = SIZES[size_name], world_paths(root)
+        stamp = dict(seed=seed, size=size_name)
+        if found is not None:
+            if found != stamp:
+                raise ValueError(f'{root} holds a toy world {found}, not {stamp}: use another root')
+        else:
+            t = time.time()
+            print(f'toy world: drawing {size_name} world (seed {seed}) under {root}', flush=True)
+            write_world_data(root, seed, size)
+            write_json(marker, stamp)
+            print(f'toy world: data done in {time.time() - t:.1f}s', flush=True)
+        report = os.path.join(root, 'teacher', 'zero_shot.json')
+        if not os.path.exists(paths['teacher_ckpt']) or not os.path.exists(report):
+            t = time.time()
+            print(f'toy world: training its CLIP teacher ({size["teacher_steps"]} steps on {device})', flush=True)
+            # training and loading draw only from torch's CPU generator: forking it leaves the caller's random
+            # streams where they were, so a run that builds the teacher first behaves like one that finds it cached
+            with torch.random.fork_rng(devices=[]):
+                train_teacher(paths, size['teacher_steps'], size['teacher_per_class'], device, seed)
+                write_json(report, teacher_accuracy(paths, device))
+            print(f'toy world: teacher done in {time.time() - t:.1f}s', flush=True)
     with open(report) as f:
         acc = json.load(f)
     for mode in ('crop', 'box'):
