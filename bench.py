@@ -220,8 +220,8 @@ def ours_setup(args, device, teacher, compile=True):
     text_embed = text_embed.to(device)
 
     def make_step(batch, amp):
-        size = torch.tensor(args.image_size)
-        images, mask, targets = data.collate([(img, {'boxes': b, 'labels': l, 'size': size}) for img, b, l in batch])
+        images, mask, targets = data.collate([(img, {'boxes': b, 'labels': l, 'size': torch.tensor(img.shape[1:])})
+                                              for img, b, l in batch])  # 'size': the teacher scales boxes by it
         images, mask = images.to(device), mask.to(device)  # padded to multiples of 32, as train.py's loader does
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         return lambda: train.train_step(model, criterion, optimizer, params, images, mask,
@@ -593,7 +593,7 @@ def synthetic_lvis(num_images, dets_per_image, seed=0):
                          'area': b[2] * b[3], 'iscrowd': 0})
         hits = np.repeat(boxes, 2, 0)
         hits[:, :2] += rng.normal(0, 0.05, (len(hits), 2)) * hits[:, 2:]
-        k = dets_per_image - len(hits)
+        k = max(0, dets_per_image - len(hits))  # random detections after the hits, if any room is left
         det_boxes = np.concatenate([hits, random_boxes(k, W, H)])[:dets_per_image]
         evaluated = np.concatenate([present, absent])
         det_cats = np.concatenate([np.repeat(cats, 2), np.where(rng.random(k) < 0.5, rng.choice(evaluated, k),
