@@ -416,8 +416,7 @@ def repeat_factors(image_classes, thresh=0.001):
 class RepeatFactorSampler(Sampler):
     """
     Each epoch: image i appears floor(r_i) times plus once more with probability frac(r_i) (stochastic rounding),
-    the list is shuffled, padded by its own head (cycled) to a multiple of world_size, and rank takes
-    [rank::world_size]: every rank gets as many steps, even with fewer images than ranks.
+    the list is shuffled and padded by its own head (cycled) to a multiple of world_size; rank takes [rank::world_size].
     The generator is seeded with seed + epoch, so every rank (same seed!) builds the same list and the shards are
     disjoint. len() is this epoch's shard length (computed on demand, so it is right before iteration starts).
     Yields (index, key) items (see keyed). skip: items to leave out at the start of the next pass only (resuming
@@ -441,7 +440,7 @@ class RepeatFactorSampler(Sampler):
             reps = whole + (torch.rand(len(self.factors), generator=g, dtype=torch.float64) < self.factors - whole)
             indices = torch.repeat_interleave(torch.arange(len(self.factors)), reps.long())
             indices = indices[torch.randperm(len(indices), generator=g)]
-            pad = -len(indices) % self.world_size  # by the list's head, cycled when it is shorter than the pad
+            pad = -len(indices) % self.world_size  # cycled: with fewer items than ranks, each still gets one
             indices = torch.cat([indices, indices.repeat(math.ceil(pad / max(len(indices), 1)))[:pad]])
             self._cache = (self.epoch, indices[self.rank::self.world_size].tolist())
         return self._cache[1]
