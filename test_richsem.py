@@ -1439,6 +1439,12 @@ def test_criterion_pairs_each_image_with_its_own_gt():
     assert losses['loss_bbox'].item() == 0 and abs(losses['loss_giou'].item()) < 1e-6
 
 
+def ref_focal(x, positive, alpha=0.25, gamma=2.0):
+    """Sigmoid focal loss of one logit, float64 from the definition."""
+    p = 1 / (1 + math.exp(-x))
+    pt = p if positive else 1 - p
+    return (alpha if positive else 1 - alpha) * (1 - pt) ** gamma * -math.log(pt)
+
 def test_loss_ce_hand_value():
     """Two queries, three classes, one GT of class 2 matched to query 0: the focal sum over all six logits (the
     positive at (0, 2) only), by hand in float64, over one box."""
@@ -1447,12 +1453,7 @@ def test_loss_ce_hand_value():
     targets = [{'labels': torch.tensor([2]), 'boxes': torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
     got = SetCriterion(3, torch.ones(3), fed_num_classes=3)({'pred_logits': logits, 'pred_boxes': boxes},
                                                              targets)['loss_ce'].item()
-
-    def focal(x, positive, alpha=0.25, gamma=2.0):
-        p = 1 / (1 + math.exp(-x))
-        pt = p if positive else 1 - p
-        return (alpha if positive else 1 - alpha) * (1 - pt) ** gamma * -math.log(pt)
-    ref = sum(focal(logits[0, q, c].item(), (q, c) == (0, 2)) for q in range(2) for c in range(3))
+    ref = sum(ref_focal(logits[0, q, c].item(), (q, c) == (0, 2)) for q in range(2) for c in range(3))
     assert got == pytest.approx(ref, rel=1e-5)
 
 
@@ -1473,12 +1474,7 @@ def test_every_layer_losses_by_hand_with_its_own_matching():
         queries = brute_force(logits, boxes, targets[0]["labels"], targets[0]["boxes"])  # query of GT j
         matchings.append(queries)
         positive = {(q, int(targets[0]["labels"][j])) for j, q in enumerate(queries)}
-        ce = 0.0
-        for q in range(Q):
-            for c in range(C):
-                p = 1 / (1 + math.exp(-float(logits[q, c])))
-                pt, a = (p, 0.25) if (q, c) in positive else (1 - p, 0.75)
-                ce += a * (1 - pt) ** 2 * -math.log(pt)
+        ce = sum(ref_focal(float(logits[q, c]), (q, c) in positive) for q in range(Q) for c in range(C))
         pred_xyxy = box_cxcywh_to_xyxy(boxes).tolist()
         l1 = sum(abs(float(boxes[q, i]) - float(targets[0]["boxes"][j, i])) for j, q in enumerate(queries)
                  for i in range(4))
