@@ -527,9 +527,8 @@ class RichSem(nn.Module):
                              f'{self.num_queries} queries: the batch is too small; use larger images or fewer queries')
         proposals, valid = encoder_proposals(mask_flat, shapes)
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid, 0.0)))
-        # The choice has no gradient: score all tokens without autograd, then run the heads on the K chosen. Same
-        # values and gradients as heads on all S then gathered, without (B, S, C) logits and gradient (0.2 GB each).
-        # Under autocast these scores are bf16: near-ties at the K-th place may pick other tokens than fp32 would.
+        # The choice has no gradient: score all S tokens without autograd (in bf16 under autocast), then run the heads
+        # on the K chosen: as heads on all S then gathered, without (B, S, C) logits and gradient (0.2 GB each).
         with torch.no_grad():
             top = self.enc_class_head(memory, text_unit).max(-1).values.topk(self.num_queries, dim=1).indices
         memory = gather_rows(memory, top)
